@@ -1,0 +1,53 @@
+"""Per-operator data keys and staff accounts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from flask_login import UserMixin
+from sqlalchemy import Boolean, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from partner_app.db import db, utcnow
+
+
+class DataKey(db.Model):
+    """An operator's data key, wrapped (encrypted) by a keyring key.
+
+    Destroying it (``wrapped_key`` wiped, ``destroyed_at`` set) makes every secret the
+    operator had unrecoverable: crypto-shredding. ``version`` fences re-wraps.
+    """
+
+    __tablename__ = "data_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id", ondelete="CASCADE"),
+                                             index=True)
+    wrapping_kid: Mapped[str] = mapped_column(String(32), index=True)
+    wrapped_key: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    destroyed_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"<DataKey {self.id} operator={self.operator_id} kid={self.wrapping_kid}>"
+
+
+class StaffUser(UserMixin, db.Model):
+    """A member of the partner's staff who may use the dashboard."""
+
+    __tablename__ = "staff_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None]
+
+    @property
+    def is_active(self) -> bool:  # Flask-Login
+        return self.active
+
+    def __repr__(self) -> str:
+        return f"<StaffUser {self.email}>"

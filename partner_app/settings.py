@@ -1,0 +1,279 @@
+"""Typed settings, parsed once from the environment.
+
+`Settings.from_env(environ)` validates every variable and raises `ConfigError` naming
+*all* missing or malformed ones at once, so an operator fixing a deployment sees the
+whole list on the first failed start.
+
+Modes (``APP_ENV``):
+
+* ``production`` (default): every secret must be provided; nothing is generated.
+* ``demo``: the embedded defaults (SQLite file, embedded Redis) and throwaway secrets.
+* ``test``: like demo, for the test-suite.
+
+Secrets never have defaults in production. In demo and test modes missing secrets are
+generated per process, which is only coherent when a single launcher generates them
+once and hands them to every process (``partner-app demo`` does exactly that).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from partner_app.security.vault import generate_key_entry
+
+MODES = ("production", "demo", "test")
+TOKEN_AUTH_METHODS = ("json_body", "form_body", "basic")
+DEFAULT_API_BASE = "https://public-api.stora.co"
+DEFAULT_SCOPES = (
+    "public.site:read",
+    "public.contact:read",
+    "public.order:read",
+    "public.webhook_endpoint:read",
+    "public.webhook_endpoint:write",
+    "public.timeline_source:read",
+    "public.timeline_template:read",
+    "public.timeline_event:write",
+)
+_KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_SCOPE_RE = re.compile(r"^[a-z_.]+:(read|write)$")
+
+
+class ConfigError(Exception):
+    """The environment does not describe a startable application.
+
+    ``problems`` lists one human-readable line per bad or missing variable.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def parse_encryption_keys(value: str) -> tuple[tuple[str, bytes], ...]:
+    """Parse ``kid:base64key,kid:base64key``; the first entry is the active key.
+
+    Raises ValueError with a message that never contains key material.
+    """
+    entries: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    for position, item in enumerate(value.split(","), start=1):
+        item = item.strip()
+        if not item:
+            continue
+        kid, sep, encoded = item.partition(":")
+        if not sep or not _KID_RE.match(kid):
+            raise ValueError(f"entry {position} is not 'kid:base64key' "
+                             "(kid: 1-32 of A-Z a-z 0-9 _ -)")
+        if kid in seen:
+            raise ValueError(f"key id {kid!r} appears twice")
+        try:
+            # Accept standard and URL-safe alphabets, with or without padding.
+            normalised = encoded.strip().translate(str.maketrans("-_", "+/"))
+            key = base64.b64decode(normalised + "=" * (-len(normalised) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"key {kid!r} is not valid base64") from None
+        if len(key) != 32:
+            raise ValueError(f"key {kid!r} must decode to 32 bytes, got {len(key)}")
+        seen.add(kid)
+        entries.append((kid, key))
+    if not entries:
+        raise ValueError("no keys given")
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app, the workers and the CLI need to know about their environment."""
+
+    mode: str
+    database_url: str
+    redis_url: str | None  # None: start the embedded Redis (demo/test only)
+    secret_key: str = field(repr=False)
+    encryption_keys: tuple[tuple[str, bytes], ...] = field(repr=False)
+    stora_client_id: str
+    stora_client_secret: str = field(repr=False)
+    stora_api_base: str
+    stora_authorize_url: str
+    stora_scopes: tuple[str, ...]
+    public_base_url: str
+    stora_token_auth: str = "json_body"  # noqa: S105 (a method name)
+    instance_path: str = "instance"
+    install_state_ttl: int = 600
+    install_link_ttl: int = 3600
+    http_connect_timeout: float = 3.0
+    http_read_timeout: float = 10.0
+    log_level: str = "INFO"
+    generated_secrets: tuple[str, ...] = ()
+
+    # -- derived ---------------------------------------------------------------
+    @property
+    def redirect_uri(self) -> str:
+        """The single callback URL registered with Stora; identical in both OAuth legs."""
+        return self.public_base_url.rstrip("/") + "/oauth/callback"
+
+    @property
+    def token_url(self) -> str:
+        return self.stora_api_base.rstrip("/") + "/oauth2/token"
+
+    @property
+    def token_info_url(self) -> str:
+        return self.stora_api_base.rstrip("/") + "/oauth2/token/info"
+
+    @property
+    def revoke_url(self) -> str:
+        return self.stora_api_base.rstrip("/") + "/oauth2/revoke"
+
+    @property
+    def is_production(self) -> bool:
+        return self.mode == "production"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_base_url.startswith("https://")
+
+    def replace(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+    # -- construction ----------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse and validate the environment. Raises ConfigError listing every problem."""
+        env = dict(os.environ if environ is None else environ)
+        problems: list[str] = []
+        generated: list[str] = []
+
+        mode = env.get("APP_ENV", "production").strip().lower()
+        if mode not in MODES:
+            problems.append(f"APP_ENV must be one of {', '.join(MODES)}, got {mode!r}")
+            mode = "production"
+        lenient = mode != "production"
+
+        def required(name: str, make_throwaway=None) -> str:
+            value = env.get(name, "").strip()
+            if value:
+                return value
+            if lenient and make_throwaway is not None:
+                generated.append(name)
+                return make_throwaway()
+            problems.append(f"{name} is required" + ("" if lenient else " in production"))
+            return ""
+
+        instance_path = env.get("INSTANCE_PATH", "").strip() or str(Path.cwd() / "instance")
+
+        database_url = env.get("DATABASE_URL", "").strip()
+        if not database_url:
+            if lenient:
+                database_url = f"sqlite:///{Path(instance_path).resolve() / 'partner.db'}"
+            else:
+                problems.append("DATABASE_URL is required in production (postgresql://…)")
+        elif not database_url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:",
+                                          "postgres:")):
+            problems.append("DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        if database_url.startswith("postgres:"):
+            database_url = "postgresql+psycopg:" + database_url[len("postgres:"):]
+        elif database_url.startswith("postgresql:"):
+            database_url = "postgresql+psycopg:" + database_url[len("postgresql:"):]
+
+        redis_url: str | None = env.get("REDIS_URL", "").strip() or None
+        if redis_url is None and not lenient:
+            problems.append("REDIS_URL is required in production "
+                            "(the embedded Redis is for demo/test)")
+        elif redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+
+        secret_key = required("SECRET_KEY", lambda: secrets.token_urlsafe(32))
+        if secret_key and len(secret_key) < 16:
+            problems.append("SECRET_KEY must be at least 16 characters")
+
+        raw_keys = required("ENCRYPTION_KEYS", lambda: generate_key_entry("demo"))
+        encryption_keys: tuple[tuple[str, bytes], ...] = ()
+        if raw_keys:
+            try:
+                encryption_keys = parse_encryption_keys(raw_keys)
+            except ValueError as exc:
+                problems.append(f"ENCRYPTION_KEYS: {exc}")
+
+        client_id = required("STORA_CLIENT_ID", lambda: "sandbox-client")
+        client_secret = required("STORA_CLIENT_SECRET", lambda: secrets.token_urlsafe(24))
+
+        api_base = env.get("STORA_API_BASE", "").strip() or DEFAULT_API_BASE
+        if not _is_http_url(api_base):
+            problems.append("STORA_API_BASE must be an http(s) URL")
+        elif not lenient and not api_base.startswith("https://"):
+            problems.append("STORA_API_BASE must use https:// in production")
+        authorize_url = (env.get("STORA_AUTHORIZE_URL", "").strip()
+                         or api_base.rstrip("/") + "/oauth2/authorize")
+        if not _is_http_url(authorize_url):
+            problems.append("STORA_AUTHORIZE_URL must be an http(s) URL")
+
+        scopes_raw = env.get("STORA_SCOPES", "").strip()
+        scopes = tuple(scopes_raw.replace(",", " ").split()) if scopes_raw else DEFAULT_SCOPES
+        bad_scopes = [s for s in scopes if not _SCOPE_RE.match(s)]
+        if bad_scopes:
+            problems.append(f"STORA_SCOPES has malformed scopes: {', '.join(bad_scopes)}")
+
+        public_base_url = required("PUBLIC_BASE_URL", lambda: "http://127.0.0.1:5000")
+        if public_base_url and not _is_http_url(public_base_url):
+            problems.append("PUBLIC_BASE_URL must be an http(s) URL")
+        elif public_base_url and not lenient and not public_base_url.startswith("https://"):
+            problems.append("PUBLIC_BASE_URL must use https:// in production")
+
+        token_auth = env.get("STORA_TOKEN_AUTH", "json_body").strip()
+        if token_auth not in TOKEN_AUTH_METHODS:
+            problems.append(f"STORA_TOKEN_AUTH must be one of {', '.join(TOKEN_AUTH_METHODS)}")
+
+        install_state_ttl = _int(env, "INSTALL_STATE_TTL", 600, problems, low=30, high=3600)
+        install_link_ttl = _int(env, "INSTALL_LINK_TTL", 3600, problems, low=60, high=30 * 86400)
+        log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+        if problems:
+            raise ConfigError(problems)
+        return cls(
+            mode=mode,
+            database_url=database_url,
+            redis_url=redis_url,
+            secret_key=secret_key,
+            encryption_keys=encryption_keys,
+            stora_client_id=client_id,
+            stora_client_secret=client_secret,
+            stora_api_base=api_base.rstrip("/"),
+            stora_authorize_url=authorize_url,
+            stora_scopes=scopes,
+            public_base_url=public_base_url.rstrip("/"),
+            stora_token_auth=token_auth,
+            instance_path=instance_path,
+            install_state_ttl=install_state_ttl,
+            install_link_ttl=install_link_ttl,
+            log_level=log_level,
+            generated_secrets=tuple(generated),
+        )
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, problems: list[str], *,
+         low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        problems.append(f"{name} must be an integer")
+        return default
+    if not low <= value <= high:
+        problems.append(f"{name} must be between {low} and {high}")
+    return value

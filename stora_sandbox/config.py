@@ -1,0 +1,199 @@
+"""Sandbox configuration: start-up settings and the runtime switches.
+
+Two layers:
+
+* :class:`SandboxConfig` is fixed when the app is built: the applications registered at
+  start-up, the seed, the public URL and the clock.
+* :class:`Switches` holds behaviour that tests flip at runtime through
+  ``PATCH /_sandbox/config``. Most switches exist because Stora's exact behaviour is not
+  documented (see ``shared/stora-api``), so the sandbox can play either reading and the
+  partner platform can be tested against both.
+
+Switches are immutable; an update builds a new instance (:meth:`Switches.updated`) that
+the store swaps in under its lock, so a request always sees one consistent set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Every scope Stora documents (shared/stora-api/oauth.md §8). Applications may request any
+# of these unless registered with a narrower list.
+STORA_SCOPES: frozenset[str] = frozenset(
+    {
+        "public.access_token:read",
+        "public.application:read",
+        "public.contact:read",
+        "public.contact:write",
+        "public.contract:read",
+        "public.contract_template:read",
+        "public.coupon:read",
+        "public.credit_note:read",
+        "public.deal:read",
+        "public.deal:write",
+        "public.deal_stage:read",
+        "public.identity_verification:read",
+        "public.invoice:read",
+        "public.note:read",
+        "public.note:write",
+        "public.order:read",
+        "public.order:write",
+        "public.product:read",
+        "public.product:write",
+        "public.product_category:read",
+        "public.protection_level:read",
+        "public.protection_level:write",
+        "public.site:read",
+        "public.staff:read",
+        "public.subscription:read",
+        "public.task:read",
+        "public.task:write",
+        "public.tenancy:read",
+        "public.timeline_event:write",
+        "public.timeline_source:read",
+        "public.timeline_template:read",
+        "public.unit:read",
+        "public.unit:write",
+        "public.unit_type:read",
+        "public.unit_type:write",
+        "public.webhook_endpoint:read",
+        "public.webhook_endpoint:write",
+    }
+)
+
+PKCE_METHODS: frozenset[str] = frozenset({"S256", "plain"})
+
+# Allowed values for the string-valued switches; booleans and integers are checked by type.
+_CHOICES: dict[str, frozenset[str]] = {
+    "revocation_mode": frozenset({"on_use", "immediate"}),
+    "token_info_expires_in": frozenset({"absolute", "remaining"}),
+    "page_overflow": frozenset({"empty", "error"}),
+}
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Runtime behaviour switches, readable and patchable via ``/_sandbox/config``.
+
+    Attributes:
+        access_token_ttl: access-token lifetime in seconds (Stora documents 7200).
+        code_ttl: authorization-code lifetime in seconds (Doorkeeper default 600).
+        revocation_mode: ``"on_use"`` (Doorkeeper default: the old token row survives a
+            refresh and is revoked when the new access token first authenticates a
+            protected request) or ``"immediate"`` (the old row is revoked during refresh).
+        force_pkce: reject authorize requests that carry no ``code_challenge``.
+        pkce_methods: space-separated accepted challenge methods (Doorkeeper default
+            ``"S256 plain"``).
+        token_info_operator_id: add the sandbox operator id to ``operator`` in token info
+            (Stora's example shows only ``name``).
+        token_info_expires_in: ``"absolute"`` (created_at + ttl, as the docs example reads)
+            or ``"remaining"`` (seconds left, as stock Doorkeeper does).
+        omit_refresh_token_on_refresh: refresh responses carry no ``refresh_token``; the
+            presented refresh token then stays valid and moves to the new row.
+        omit_expires_in: token responses carry no ``expires_in``.
+        latency_ms: delay added to every non-admin request.
+        default_scopes: scopes granted when an authorize request names none; empty means
+            such a request fails with ``invalid_scope`` (Doorkeeper without defaults).
+        page_overflow: a ``page`` beyond the last page gives an empty page (``"empty"``)
+            or 422 ``invalid_url_param`` (``"error"``).
+    """
+
+    access_token_ttl: int = 7200
+    code_ttl: int = 600
+    revocation_mode: str = "on_use"
+    force_pkce: bool = False
+    pkce_methods: str = "S256 plain"
+    token_info_operator_id: bool = False
+    token_info_expires_in: str = "absolute"  # noqa: S105 - a mode name, not a secret
+    omit_refresh_token_on_refresh: bool = False
+    omit_expires_in: bool = False
+    latency_ms: int = 0
+    default_scopes: str = ""
+    page_overflow: str = "empty"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the switches as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def updated(self, changes: Mapping[str, Any]) -> Switches:
+        """Return a copy with ``changes`` applied.
+
+        Raises:
+            ValueError: a key is unknown or a value has the wrong type or is out of range.
+        """
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return dataclasses.replace(self, **dict(changes))
+
+    @property
+    def accepted_pkce_methods(self) -> frozenset[str]:
+        """The challenge methods the authorize endpoint accepts."""
+        return frozenset(self.pkce_methods.split())
+
+
+def _validate(switches: Switches) -> None:
+    """Check every field's type and range; raise ValueError naming the first bad one."""
+    for f in dataclasses.fields(switches):
+        value = getattr(switches, f.name)
+        default = f.default
+        # bool is a subclass of int, so compare exact types to keep 1 from passing as True.
+        if type(value) is not type(default):
+            raise ValueError(f"{f.name} must be of type {type(default).__name__}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{f.name} must be >= 0")
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            allowed = ", ".join(sorted(_CHOICES[f.name]))
+            raise ValueError(f"{f.name} must be one of: {allowed}")
+    methods = switches.pkce_methods.split()
+    if not methods or not set(methods) <= PKCE_METHODS:
+        raise ValueError("pkce_methods must be a space-separated subset of 'S256 plain'")
+    unknown_scopes = set(switches.default_scopes.split()) - STORA_SCOPES
+    if unknown_scopes:
+        raise ValueError(f"default_scopes has unknown scopes: {' '.join(sorted(unknown_scopes))}")
+    if switches.access_token_ttl == 0 or switches.code_ttl == 0:
+        raise ValueError("access_token_ttl and code_ttl must be > 0")
+
+
+@dataclass(frozen=True)
+class ApplicationSpec:
+    """An OAuth client application to register at start-up.
+
+    ``scopes`` empty means "every Stora scope".
+    """
+
+    client_id: str
+    client_secret: str
+    redirect_uris: tuple[str, ...]
+    name: str = "Partner application"
+    scopes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Everything :func:`stora_sandbox.create_app` needs.
+
+    Attributes:
+        applications: OAuth clients registered at start-up (more can be added through
+            ``POST /_sandbox/applications``).
+        seed: name of a seed data set (``"demo"``) or None for an empty sandbox.
+        public_url: the sandbox's own base URL as clients reach it, used in
+            ``GET /_sandbox/``; None means "derive from the request".
+        switches: initial runtime switches; ``POST /_sandbox/reset`` restores them.
+        clock: epoch-seconds clock. Tests inject a controllable one to move time forward
+            (token and code expiry, request-log timestamps).
+    """
+
+    applications: tuple[ApplicationSpec, ...] = ()
+    seed: str | None = None
+    public_url: str | None = None
+    switches: Switches = field(default_factory=Switches)
+    clock: Callable[[], float] = time.time

@@ -1,0 +1,343 @@
+"""Thread-safe in-memory state of the sandbox.
+
+The server is threaded, so every read-modify-write goes through ``store.lock`` (an
+``RLock``, so helpers can nest). Callers that need several steps to be atomic, such as
+the token logic in :mod:`stora_sandbox.tokens`, take the lock themselves; the methods
+here take it too, which is harmless under an ``RLock``.
+
+Never sleep or do I/O while holding the lock: latency faults sleep outside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from stora_sandbox.config import STORA_SCOPES, ApplicationSpec, Switches
+from stora_sandbox.models import Application, Fault, Grant, Operator, Resource, TokenRow
+
+RESOURCE_KINDS = ("site", "contact", "order")
+
+
+def new_token() -> str:
+    """A fresh opaque token or code (Doorkeeper's default: 32 random bytes, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+class Store:
+    """All sandbox state: applications, operators, API records, grants, tokens, the
+    request log, queued faults and the current switches.
+    """
+
+    def __init__(self, switches: Switches, clock: Callable[[], float]) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.initial_switches = switches
+        self.switches = switches
+        self.applications: dict[str, Application] = {}
+        self._wipe()
+
+    def _wipe(self) -> None:
+        """Drop everything except applications and the initial switches."""
+        self.switches = self.initial_switches
+        self.operators: dict[str, Operator] = {}
+        self.resources: dict[str, dict[str, Resource]] = {k: {} for k in RESOURCE_KINDS}
+        self.grants: dict[str, Grant] = {}
+        self.token_rows: dict[int, TokenRow] = {}
+        self.access_index: dict[str, int] = {}
+        self.refresh_index: dict[str, int] = {}
+        self.request_log: list[dict[str, Any]] = []
+        self.faults: list[Fault] = []
+        self._resource_seq = itertools.count(1)
+        self._row_ids = itertools.count(1)
+        self._request_seq = itertools.count(1)
+        self._fault_ids = itertools.count(1)
+
+    def now(self) -> float:
+        return self.clock()
+
+    def reset(self) -> None:
+        """Wipe all state except registered applications; restore start-up switches."""
+        with self.lock:
+            self._wipe()
+
+    # -- switches ---------------------------------------------------------------------
+
+    def update_switches(self, changes: dict[str, Any]) -> Switches:
+        """Apply ``changes`` atomically. Raises ValueError on bad keys or values."""
+        with self.lock:
+            self.switches = self.switches.updated(changes)
+            return self.switches
+
+    # -- applications -----------------------------------------------------------------
+
+    def upsert_application(self, spec: ApplicationSpec) -> Application:
+        """Register or replace the application with ``spec.client_id``."""
+        app = Application(
+            client_id=spec.client_id,
+            client_secret=spec.client_secret,
+            redirect_uris=tuple(spec.redirect_uris),
+            scopes=frozenset(spec.scopes) or STORA_SCOPES,
+            name=spec.name,
+        )
+        with self.lock:
+            self.applications[app.client_id] = app
+        return app
+
+    def get_application(self, client_id: str | None) -> Application | None:
+        if not client_id:
+            return None
+        with self.lock:
+            return self.applications.get(client_id)
+
+    # -- operators and API records ----------------------------------------------------
+
+    def add_operator(self, operator: Operator) -> None:
+        with self.lock:
+            self.operators[operator.id] = operator
+
+    def get_operator(self, operator_id: str | None) -> Operator | None:
+        if not operator_id:
+            return None
+        with self.lock:
+            return self.operators.get(operator_id)
+
+    def list_operators(self) -> list[Operator]:
+        with self.lock:
+            return sorted(self.operators.values(), key=lambda o: (o.created_at, o.name))
+
+    def operator_summary(self, operator: Operator) -> dict[str, Any]:
+        """JSON view of an operator with per-kind record counts."""
+        with self.lock:
+            counts = {
+                f"{kind}s": sum(
+                    1 for r in self.resources[kind].values() if r.operator_id == operator.id
+                )
+                for kind in RESOURCE_KINDS
+            }
+        return {"id": operator.id, "name": operator.name, "subdomain": operator.subdomain, **counts}
+
+    def next_resource_seq(self) -> int:
+        with self.lock:
+            return next(self._resource_seq)
+
+    def add_resource(self, resource: Resource) -> None:
+        with self.lock:
+            self.resources[resource.kind][resource.id] = resource
+
+    def get_resource(self, kind: str, operator_id: str, resource_id: str) -> Resource | None:
+        """The record, or None if it does not exist *for this operator*."""
+        with self.lock:
+            found = self.resources[kind].get(resource_id)
+        if found is None or found.operator_id != operator_id:
+            return None
+        return found
+
+    def list_resources(self, kind: str, operator_id: str) -> list[Resource]:
+        with self.lock:
+            return [r for r in self.resources[kind].values() if r.operator_id == operator_id]
+
+    # -- grants and token rows --------------------------------------------------------
+
+    def add_grant(self, grant: Grant) -> None:
+        with self.lock:
+            self.grants[grant.code] = grant
+
+    def add_token_row(
+        self,
+        *,
+        client_id: str,
+        operator_id: str,
+        scopes: Iterable[str],
+        expires_in: int,
+        with_refresh_token: bool = True,
+        previous_row_id: int | None = None,
+    ) -> TokenRow:
+        """Create and index a new token row issued now."""
+        with self.lock:
+            created_at = int(self.now())
+            row = TokenRow(
+                id=next(self._row_ids),
+                access_token=new_token(),
+                refresh_token=new_token() if with_refresh_token else None,
+                client_id=client_id,
+                operator_id=operator_id,
+                scopes=tuple(scopes),
+                created_at=created_at,
+                expires_in=expires_in,
+                expires_at=created_at + expires_in,
+                previous_row_id=previous_row_id,
+            )
+            self.token_rows[row.id] = row
+            self.access_index[row.access_token] = row.id
+            if row.refresh_token:
+                self.refresh_index[row.refresh_token] = row.id
+            return row
+
+    def move_refresh_token(self, source: TokenRow, target: TokenRow) -> None:
+        """Hand ``source``'s refresh token to ``target`` (refresh without a new one)."""
+        with self.lock:
+            token = source.refresh_token
+            source.refresh_token = None
+            target.refresh_token = token
+            if token:
+                self.refresh_index[token] = target.id
+
+    def row_by_access_token(self, token: str | None) -> TokenRow | None:
+        if not token:
+            return None
+        with self.lock:
+            row_id = self.access_index.get(token)
+            return self.token_rows.get(row_id) if row_id is not None else None
+
+    def row_by_refresh_token(self, token: str | None) -> TokenRow | None:
+        if not token:
+            return None
+        with self.lock:
+            row_id = self.refresh_index.get(token)
+            return self.token_rows.get(row_id) if row_id is not None else None
+
+    def revoke_row(self, row: TokenRow) -> None:
+        """Revoke both tokens of ``row`` (idempotent: keeps the first revocation time)."""
+        with self.lock:
+            if row.revoked_at is None:
+                row.revoked_at = self.now()
+
+    def revoke_operator_tokens(self, operator_id: str) -> int:
+        """Revoke every live row and unused code of an operator; return rows revoked."""
+        with self.lock:
+            now = self.now()
+            count = 0
+            for row in self.token_rows.values():
+                if row.operator_id == operator_id and row.revoked_at is None:
+                    row.revoked_at = now
+                    count += 1
+            for grant in self.grants.values():
+                if grant.operator_id == operator_id and grant.revoked_at is None:
+                    grant.revoked_at = now
+            return count
+
+    def expire_operator_access_tokens(self, operator_id: str) -> int:
+        """Make every unexpired, unrevoked access token of an operator expire now.
+
+        Refresh tokens are untouched (they never expire), so the client can refresh.
+        """
+        with self.lock:
+            now = self.now()
+            count = 0
+            for row in self.token_rows.values():
+                if row.operator_id == operator_id and row.is_accessible(now):
+                    row.expires_at = now
+                    count += 1
+            return count
+
+    def token_inventory(self) -> list[dict[str, Any]]:
+        """Every code, access token and refresh token ever issued, with its state."""
+        with self.lock:
+            now = self.now()
+            items: list[dict[str, Any]] = []
+            for grant in self.grants.values():
+                if grant.revoked_at is not None:
+                    state = "revoked"
+                elif now >= grant.expires_at:
+                    state = "expired"
+                else:
+                    state = "active"
+                items.append(
+                    {
+                        "kind": "authorization_code",
+                        "value": grant.code,
+                        "client_id": grant.client_id,
+                        "operator_id": grant.operator_id,
+                        "state": state,
+                        "created_at": grant.created_at,
+                        "expires_at": grant.expires_at,
+                    }
+                )
+            for row in self.token_rows.values():
+                if row.is_revoked():
+                    state = "revoked"
+                elif row.is_expired(now):
+                    state = "expired"
+                else:
+                    state = "active"
+                items.append(
+                    {
+                        "kind": "access_token",
+                        "value": row.access_token,
+                        "row_id": row.id,
+                        "client_id": row.client_id,
+                        "operator_id": row.operator_id,
+                        "state": state,
+                        "created_at": row.created_at,
+                        "expires_at": row.expires_at,
+                    }
+                )
+            for token, row_id in self.refresh_index.items():
+                row = self.token_rows[row_id]
+                items.append(
+                    {
+                        "kind": "refresh_token",
+                        "value": token,
+                        "row_id": row.id,
+                        "client_id": row.client_id,
+                        "operator_id": row.operator_id,
+                        "state": "revoked" if row.is_revoked() else "active",
+                        "created_at": row.created_at,
+                        "expires_at": None,
+                    }
+                )
+            return items
+
+    # -- request log ------------------------------------------------------------------
+
+    def record_request(self, entry: dict[str, Any]) -> int:
+        """Append ``entry`` (which must hold no secrets) and return its sequence number."""
+        with self.lock:
+            seq = next(self._request_seq)
+            self.request_log.append({"seq": seq, **entry})
+            return seq
+
+    def requests_since(self, since: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(e) for e in self.request_log if e["seq"] > since]
+
+    def clear_requests(self) -> None:
+        """Empty the log; sequence numbers keep increasing so ``since`` stays valid."""
+        with self.lock:
+            self.request_log.clear()
+
+    # -- faults -----------------------------------------------------------------------
+
+    def add_fault(self, **fields: Any) -> Fault:
+        with self.lock:
+            fault = Fault(id=next(self._fault_ids), **fields)
+            self.faults.append(fault)
+            return fault
+
+    def take_fault(self, endpoint: str, grant_type: str | None) -> Fault | None:
+        """Consume one use of the oldest fault matching this request, if any."""
+        with self.lock:
+            for fault in self.faults:
+                if fault.endpoint != endpoint:
+                    continue
+                if fault.grant_type is not None and fault.grant_type != grant_type:
+                    continue
+                fault.hits += 1
+                if fault.remaining > 0:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self.faults.remove(fault)
+                return fault
+            return None
+
+    def list_faults(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [f.as_dict() for f in self.faults]
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.faults.clear()

@@ -1,0 +1,1 @@
+"""RQ worker processes for the partner platform (``partner-app worker``)."""

@@ -1,0 +1,29 @@
+"""``partner-app worker``: registered on the CLI through the ``flask.commands`` entry point,
+so ``partner_app`` itself never imports ``workers``."""
+
+from __future__ import annotations
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+
+@click.command("worker")
+@click.argument("queues", nargs=-1)
+@click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
+@click.option("--no-scheduler", is_flag=True, help="Do not run the RQ scheduler in this worker.")
+@click.option("--name", default=None, help="Worker name (default: RQ's).")
+@with_appcontext
+def worker(queues: tuple[str, ...], burst: bool, no_scheduler: bool, name: str | None) -> None:
+    """Run an RQ worker (with the scheduler that Retry intervals need)."""
+    from partner_app.queueing import QUEUES, get_queue, get_redis
+    from workers.app_worker import AppWorker, prepare_for_fork
+
+    app = current_app._get_current_object()
+    names = queues or QUEUES
+    connection = get_redis(app)
+    prepare_for_fork(app)
+    worker_ = AppWorker([get_queue(n, app) for n in names], connection=connection, app=app,
+                        name=name)
+    click.echo(f"worker ready: queues={','.join(names)} scheduler={not no_scheduler}", err=True)
+    worker_.work(burst=burst, with_scheduler=not no_scheduler, logging_level="INFO")
