@@ -6,7 +6,7 @@ from flask_wtf.csrf import CSRFProtect
 
 from partner_app.db import db
 
-migrate = Migrate()
+migrate = Migrate(render_as_batch=True)  # SQLite needs batch ALTERs
 csrf = CSRFProtect()
 login_manager = LoginManager()
 login_manager.login_view = "dashboard.login"

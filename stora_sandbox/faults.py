@@ -73,8 +73,15 @@ def parse_fault(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
     allowed = {
-        "endpoint", "status", "body", "headers", "latency_ms", "latency_after_commit_ms",
-        "mode", "count", "grant_type",
+        "endpoint",
+        "status",
+        "body",
+        "headers",
+        "latency_ms",
+        "latency_after_commit_ms",
+        "mode",
+        "count",
+        "grant_type",
     }
     unknown = sorted(set(body) - allowed)
     if unknown:

@@ -258,9 +258,13 @@ def find_token(store: Store, token: str | None, hint: str | None) -> tuple[Token
 
     Returns the row and which kind matched, or None.
     """
-    order = ("refresh_token", "access_token") if hint == "refresh_token" else (
-        "access_token",
-        "refresh_token",
+    order = (
+        ("refresh_token", "access_token")
+        if hint == "refresh_token"
+        else (
+            "access_token",
+            "refresh_token",
+        )
     )
     with store.lock:
         for kind in order:
