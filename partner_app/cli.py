@@ -181,7 +181,7 @@ def web(host: str, port: int, workers: int) -> None:
         # %(U)s is the path without the query string: the callback's code and state
         # must never reach a log.
         "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
-        "--graceful-timeout", "10"])
+        "--graceful-timeout", "10", "--no-control-socket"])
 
 
 @cli.command("demo", with_appcontext=False)

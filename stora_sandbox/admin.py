@@ -64,8 +64,11 @@ Endpoints
     ``force_pkce``, ``pkce_methods``, ``token_info_operator_id``,
     ``token_info_expires_in`` (``absolute``|``remaining``),
     ``omit_refresh_token_on_refresh``, ``omit_expires_in``, ``latency_ms``,
-    ``default_scopes``, ``page_overflow`` (``empty``|``error``). PATCH answers the full
-    new config; unknown keys or bad values give 400 and change nothing.
+    ``default_scopes``, ``page_overflow`` (``empty``|``error``), ``rate_limit_per_second``,
+    ``rate_limit_per_minute`` (0 = off, the default; Stora documents 10 and 60),
+    ``rate_limit_key`` (``token``|``operator``|``application``), ``rate_limit_retry_after``.
+    PATCH answers the full new config; unknown keys or bad values give 400 and change
+    nothing.
 
 ``GET /_sandbox/faults`` / ``POST /_sandbox/faults`` / ``DELETE /_sandbox/faults``
     List, queue or clear faults. POST body: ``{"endpoint": "authorize"|"token"|

@@ -72,6 +72,7 @@ _CHOICES: dict[str, frozenset[str]] = {
     "revocation_mode": frozenset({"on_use", "immediate"}),
     "token_info_expires_in": frozenset({"absolute", "remaining"}),
     "page_overflow": frozenset({"empty", "error"}),
+    "rate_limit_key": frozenset({"token", "operator", "application"}),
 }
 
 
@@ -100,6 +101,13 @@ class Switches:
             such a request fails with ``invalid_scope`` (Doorkeeper without defaults).
         page_overflow: a ``page`` beyond the last page gives an empty page (``"empty"``)
             or 422 ``invalid_url_param`` (``"error"``).
+        rate_limit_per_second: API requests allowed per second and key; 0 = no limit.
+            Stora documents 10.
+        rate_limit_per_minute: the same per minute; 0 = no limit. Stora documents 60.
+        rate_limit_key: what a limit counts per: ``"token"``, ``"operator"`` or
+            ``"application"`` (undocumented at Stora).
+        rate_limit_retry_after: add ``Retry-After`` to 429s (Stora documents only
+            ``RateLimit-Limit`` and ``RateLimit-Reset``).
     """
 
     access_token_ttl: int = 7200
@@ -114,6 +122,10 @@ class Switches:
     latency_ms: int = 0
     default_scopes: str = ""
     page_overflow: str = "empty"
+    rate_limit_per_second: int = 0
+    rate_limit_per_minute: int = 0
+    rate_limit_key: str = "operator"
+    rate_limit_retry_after: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)

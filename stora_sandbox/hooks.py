@@ -1,4 +1,4 @@
-"""Per-request plumbing: request ids, global latency, faults and the request log.
+"""Per-request plumbing: request ids, global latency, faults, rate limits, request log.
 
 Registered once by :func:`install`. Admin requests (``/_sandbox/...``) get a request id
 but no latency, no faults and no log entry, so test bookkeeping never disturbs what is
@@ -12,6 +12,7 @@ type. Never a token, code or secret.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 
@@ -21,7 +22,13 @@ from stora_sandbox import faults
 from stora_sandbox.models import Fault
 from stora_sandbox.store import Store
 from stora_sandbox.tokens import OAuthError
-from stora_sandbox.wire import basic_credentials, request_id, request_params
+from stora_sandbox.wire import (
+    basic_credentials,
+    bearer_token,
+    request_id,
+    request_params,
+    stora_error,
+)
 
 log = logging.getLogger("stora_sandbox.requests")
 
@@ -71,11 +78,14 @@ def install(app: Flask, store: Store) -> None:
         _note_client_and_grant(endpoint)
         fault = store.take_fault(endpoint, g.grant_type)
         g.fault = fault
-        if fault is None:
-            return None
-        replacement = faults.response_before_view(fault, request.environ)
-        g.fault_replaced_view = replacement is not None
-        return replacement
+        if fault is not None:
+            replacement = faults.response_before_view(fault, request.environ)
+            g.fault_replaced_view = replacement is not None
+            if replacement is not None:
+                return replacement
+        if endpoint == "api":
+            return _throttle(store)
+        return None
 
     @app.after_request
     def finish_request(response: Response) -> Response:
@@ -86,6 +96,33 @@ def install(app: Flask, store: Store) -> None:
         if not _is_admin():
             _record(store, response, fault)
         return response
+
+
+def _throttle(store: Store) -> Response | None:
+    """Answer 429 if the ``rate_limit_*`` switches say this API request is over budget."""
+    switches = store.switches
+    limits = [(switches.rate_limit_per_second, 1), (switches.rate_limit_per_minute, 60)]
+    if not any(limit for limit, _period in limits):
+        return None
+    token = bearer_token() or ""
+    # Looking the row up is not a Doorkeeper "use"; unknown tokens count per value.
+    row = store.row_by_access_token(token)
+    if row is None or switches.rate_limit_key == "token":
+        key = f"token:{token}"
+    elif switches.rate_limit_key == "operator":
+        key = f"operator:{row.operator_id}"
+    else:
+        key = f"application:{row.client_id}"
+    now = store.now()
+    throttled = store.rate_limiter.hit(key, now, limits)
+    if throttled is None:
+        return None
+    response = stora_error("too_many_requests", "Too many requests. Please retry later.")
+    response.headers["RateLimit-Limit"] = str(throttled.limit)
+    response.headers["RateLimit-Reset"] = str(throttled.reset_at)
+    if switches.rate_limit_retry_after:
+        response.headers["Retry-After"] = str(max(1, math.ceil(throttled.reset_at - now)))
+    return response
 
 
 def _record(store: Store, response: Response, fault: Fault | None) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from stora_sandbox.config import STORA_SCOPES, ApplicationSpec, Switches
 from stora_sandbox.models import Application, Fault, Grant, Operator, Resource, TokenRow
+from stora_sandbox.ratelimit import FixedWindowLimiter
 
 RESOURCE_KINDS = ("site", "contact", "order")
 
@@ -41,7 +42,7 @@ class Store:
         self._wipe()
 
     def _wipe(self) -> None:
-        """Drop everything except applications and the initial switches."""
+        """Drop everything except applications; restore the initial switches."""
         self.switches = self.initial_switches
         self.operators: dict[str, Operator] = {}
         self.resources: dict[str, dict[str, Resource]] = {k: {} for k in RESOURCE_KINDS}
@@ -55,6 +56,7 @@ class Store:
         self._row_ids = itertools.count(1)
         self._request_seq = itertools.count(1)
         self._fault_ids = itertools.count(1)
+        self.rate_limiter = FixedWindowLimiter()
 
     def now(self) -> float:
         return self.clock()

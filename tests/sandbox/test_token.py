@@ -90,7 +90,9 @@ def test_basic_and_body_credentials_together_are_invalid_request(oauth: OAuth) -
         "client_id": CLIENT_ID,
         "client_secret": CLIENT_SECRET,
     }
-    response = oauth.client.post("/oauth2/token", data=body, headers=basic(CLIENT_ID, CLIENT_SECRET))
+    response = oauth.client.post(
+        "/oauth2/token", data=body, headers=basic(CLIENT_ID, CLIENT_SECRET)
+    )
     assert response.status_code == 400
     assert response.get_json()["error"] == "invalid_request"
     # The code was not spent by the rejected request.
@@ -105,7 +107,9 @@ def test_basic_with_matching_body_client_id_only_is_fine(oauth: OAuth) -> None:
         "redirect_uri": REDIRECT_URI,
         "client_id": CLIENT_ID,
     }
-    response = oauth.client.post("/oauth2/token", data=body, headers=basic(CLIENT_ID, CLIENT_SECRET))
+    response = oauth.client.post(
+        "/oauth2/token", data=body, headers=basic(CLIENT_ID, CLIENT_SECRET)
+    )
     assert response.status_code == 200
 
 
