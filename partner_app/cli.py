@@ -94,9 +94,10 @@ def links() -> None:
 @links.command("create")
 @click.option("--operator", "operator_ref", default=None,
               help="Public id (op_…) of an operator to reconnect.")
-@click.option("--ttl", default="1h", show_default=True, help="Lifetime: 30m, 1h, 7d …")
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime: 30m, 1h, 7d …",
+              callback=lambda ctx, param, value: parse_duration(value))
 @click.option("--note", default=None, help="Who the link is for (shown to staff).")
-def links_create(operator_ref: str | None, ttl: str, note: str | None) -> None:
+def links_create(operator_ref: str | None, ttl: timedelta, note: str | None) -> None:
     """Print a single-use install link."""
     from sqlalchemy import select
 
@@ -113,7 +114,7 @@ def links_create(operator_ref: str | None, ttl: str, note: str | None) -> None:
             raise click.ClickException(f"no operator {operator_ref!r}")
     issued = create_install_link(settings=current_app.extensions["settings"], created_by="cli",
                                  now=datetime.now(UTC), operator=operator,
-                                 ttl=parse_duration(ttl), note=note)
+                                 ttl=ttl, note=note)
     db.session.commit()
     click.echo(issued.url)
     click.echo(f"expires {issued.link.expires_at:%Y-%m-%d %H:%M UTC}"

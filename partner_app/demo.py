@@ -22,35 +22,32 @@ import requests
 
 from partner_app import embedded_redis
 from partner_app.security.vault import generate_key_entry
+from partner_app.settings import read_env_file
 
 DEMO_CLIENT_ID = "demo-partner"
 DEMO_STAFF_EMAIL = "staff@partner.example"
 
 
-def _load_or_create_env(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not key.startswith("#"):
-                values[key.strip()] = value.strip()
-    defaults = {
-        "SECRET_KEY": lambda: secrets.token_urlsafe(32),
-        "ENCRYPTION_KEYS": lambda: generate_key_entry("demo1"),
-        "STORA_CLIENT_SECRET": lambda: secrets.token_urlsafe(24),
-        "DEMO_STAFF_PASSWORD": lambda: secrets.token_urlsafe(12),
-    }
-    changed = False
-    for key, make in defaults.items():
-        if key not in values:
-            values[key] = make()
-            changed = True
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write("# Throwaway secrets for `partner-app demo`. Never use in production.\n")
-            handle.writelines(f"{k}={v}\n" for k, v in values.items())
+_SECRETS = {
+    "SECRET_KEY": lambda: secrets.token_urlsafe(32),
+    "ENCRYPTION_KEYS": lambda: generate_key_entry("demo1"),
+    "STORA_CLIENT_SECRET": lambda: secrets.token_urlsafe(24),
+    "DEMO_STAFF_PASSWORD": lambda: secrets.token_urlsafe(12),
+}
+
+
+def _demo_env(path: Path, current: dict[str, str]) -> dict[str, str]:
+    """Secrets kept from the last run (made on the first), plus this run's settings,
+    written back (0600) so ``APP_ENV=demo partner-app …`` commands share them."""
+    values = read_env_file(path)
+    for key, make in _SECRETS.items():
+        values.setdefault(key, make())
+    values.update(current)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("# Throwaway settings for `partner-app demo`. Never use in production.\n")
+        handle.writelines(f"{k}={v}\n" for k, v in values.items())
     return values
 
 
@@ -80,27 +77,26 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
             raise click.ClickException(
                 f"port {port} is in use; pass --web-port/--sandbox-port to pick others")
     instance = instance.resolve()
-    secrets_env = _load_or_create_env(instance / "demo.env")
     public = f"http://127.0.0.1:{web_port}"
     stora = f"http://127.0.0.1:{sandbox_port}"
-    redis_url = os.environ.get("REDIS_URL") or embedded_redis.ensure_running(str(instance))
-    env = {
-        **os.environ,
-        "APP_ENV": "demo",
-        "INSTANCE_PATH": str(instance),
+    settings_env = _demo_env(instance / "demo.env", {
         "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{instance / 'partner.db'}",
-        "REDIS_URL": redis_url,
-        "SECRET_KEY": secrets_env["SECRET_KEY"],
-        "ENCRYPTION_KEYS": secrets_env["ENCRYPTION_KEYS"],
+        "REDIS_URL": os.environ.get("REDIS_URL") or embedded_redis.ensure_running(str(instance)),
         "STORA_CLIENT_ID": DEMO_CLIENT_ID,
-        "STORA_CLIENT_SECRET": secrets_env["STORA_CLIENT_SECRET"],
         "STORA_API_BASE": stora,
         "PUBLIC_BASE_URL": public,
+    })
+    env = {
+        **os.environ,
+        **{k: v for k, v in settings_env.items() if k != "DEMO_STAFF_PASSWORD"},
+        "APP_ENV": "demo",
+        "INSTANCE_PATH": str(instance),
+        "STORA_SANDBOX_CLIENT_SECRET": settings_env["STORA_CLIENT_SECRET"],
     }
     cli = [sys.executable, "-m", "partner_app.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _ensure_staff(cli, env, secrets_env["DEMO_STAFF_PASSWORD"])
+    _ensure_staff(cli, env, settings_env["DEMO_STAFF_PASSWORD"])
 
     procs: list[tuple[str, subprocess.Popen]] = []
 
@@ -121,13 +117,12 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
         procs.append(("stora_sandbox", subprocess.Popen(
             [sys.executable, "-m", "stora_sandbox", "--host", "127.0.0.1",
              "--port", str(sandbox_port), "--client-id", DEMO_CLIENT_ID,
-             "--client-secret", secrets_env["STORA_CLIENT_SECRET"],
              "--redirect-uri", f"{public}/oauth/callback", "--seed", "demo"], env=env)))
         procs.append(("web", subprocess.Popen(
             [*cli, "web", "--port", str(web_port), "--workers", "2"], env=env)))
         procs.append(("worker", subprocess.Popen([*cli, "worker", "--name",
                                                   f"demo-{os.getpid()}"], env=env)))
-        _wait_http(f"{stora}/oauth2/token/info", procs[0][1], 30)
+        _wait_http(f"{stora}/_sandbox/health", procs[0][1], 30)
         _wait_http(f"{public}/healthz", procs[1][1], 30)
         link = subprocess.run([*cli, "links", "create", "--ttl", "1d", "--note", "demo"],
                               env=env, check=True, capture_output=True, text=True).stdout.strip()
@@ -139,7 +134,7 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
             f"  install link (single-use):  {link}",
             f"  staff dashboard:            {public}/dashboard/",
             f"  staff login:                {DEMO_STAFF_EMAIL} / "
-            f"{secrets_env['DEMO_STAFF_PASSWORD']}",
+            f"{settings_env['DEMO_STAFF_PASSWORD']}",
             f"  local Stora (sandbox):      {stora}  (admin API under /_sandbox/)",
             f"  data:                       {env['DATABASE_URL']}",
             "Press Ctrl-C to stop.",

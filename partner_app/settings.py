@@ -155,6 +155,12 @@ class Settings:
             problems.append(f"APP_ENV must be one of {', '.join(MODES)}, got {mode!r}")
             mode = "production"
         lenient = mode != "production"
+        instance_path = env.get("INSTANCE_PATH", "").strip() or str(Path.cwd() / "instance")
+        if mode == "demo":
+            # `partner-app demo` keeps its throwaway secrets here; every command run in
+            # demo mode against the same instance folder shares them.
+            for key, value in read_env_file(Path(instance_path) / "demo.env").items():
+                env.setdefault(key, value)
 
         def required(name: str, make_throwaway=None) -> str:
             value = env.get(name, "").strip()
@@ -165,8 +171,6 @@ class Settings:
                 return make_throwaway()
             problems.append(f"{name} is required" + ("" if lenient else " in production"))
             return ""
-
-        instance_path = env.get("INSTANCE_PATH", "").strip() or str(Path.cwd() / "instance")
 
         database_url = env.get("DATABASE_URL", "").strip()
         if not database_url:
@@ -257,6 +261,20 @@ class Settings:
             log_level=log_level,
             generated_secrets=tuple(generated),
         )
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=value`` lines of a file (``#`` comments allowed); {} if it does not exist."""
+    values: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return values
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and not key.strip().startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
 
 
 def _is_http_url(value: str) -> bool:

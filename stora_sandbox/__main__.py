@@ -34,6 +34,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from stora_sandbox import create_app
 from stora_sandbox.config import ApplicationSpec, SandboxConfig, Switches
+from stora_sandbox.seed import SEEDS
 
 ENV_PREFIX = "STORA_SANDBOX_"
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -67,7 +68,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
         prog="python -m stora_sandbox", description="Run the local Stora sandbox."
     )
     parser.add_argument("--host", default=env("HOST") or "127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(env("PORT") or 5001))
+    parser.add_argument("--port", type=int, default=env("PORT") or 5001)
     parser.add_argument("--client-id", default=env("CLIENT_ID"))
     parser.add_argument("--client-secret", default=env("CLIENT_SECRET"))
     parser.add_argument(
@@ -75,7 +76,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
         action="append",
         help="registered redirect URI (repeatable)",
     )
-    parser.add_argument("--seed", default=env("SEED"), choices=["demo"])
+    parser.add_argument("--seed", default=env("SEED"), choices=SEEDS)
     parser.add_argument("--public-url", default=env("PUBLIC_URL"))
     parser.add_argument(
         "--set",
@@ -142,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, os.environ)
     try:
         config = build_config(args)
+        app = create_app(config)
     except ValueError as exc:
         print(f"stora_sandbox: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    app = create_app(config)
     server = make_server(
         args.host, args.port, app, threaded=True, request_handler=QuietRequestHandler
     )

@@ -33,6 +33,7 @@ from typing import Any
 from flask import Response, jsonify
 
 from stora_sandbox.models import Fault
+from stora_sandbox.wire import stora_code_for_status, stora_error_body
 
 ENDPOINTS = frozenset({"authorize", "token", "token_info", "introspect", "revoke", "api"})
 MODES = frozenset({"drop_after_commit", "drop_before_commit", "malformed_json"})
@@ -125,14 +126,7 @@ def parse_fault(body: Any) -> dict[str, Any]:
 def _default_body(fault: Fault, status: int) -> dict[str, Any]:
     """A plausible error body for a status-only fault, in the endpoint's own format."""
     if fault.endpoint == "api":
-        code = "too_many_requests" if status == 429 else "internal_server_error"
-        return {
-            "error": {
-                "code": code,
-                "message": f"Injected fault (HTTP {status}).",
-                "type": "invalid_request_error" if status < 500 else "api_error",
-            }
-        }
+        return stora_error_body(stora_code_for_status(status), f"Injected fault (HTTP {status}).")
     return {"error": "server_error", "error_description": f"Injected fault (HTTP {status})."}
 
 

@@ -68,6 +68,11 @@ class AuthorizeRequest:
         return fields
 
 
+class UntrustedRedirectError(Exception):
+    """Unknown client or unregistered redirect URI: answer with an error page, never a
+    redirect (RFC 6749 §4.1.2.1). The message is safe to show."""
+
+
 class RedirectableError(Exception):
     """An authorize error to report by redirecting to the (already verified) client."""
 
@@ -93,16 +98,15 @@ def _validate_authorize(store: Store, params: dict[str, str]) -> AuthorizeReques
     """Validate in Doorkeeper's order.
 
     Raises:
-        LookupError: unknown client or unregistered redirect URI. Never redirect then
-            (RFC 6749 §4.1.2.1); the message is safe to show.
+        UntrustedRedirectError: unknown client or unregistered redirect URI.
         RedirectableError: any other problem, to report at the redirect URI.
     """
     application = store.get_application(params.get("client_id"))
     if application is None:
-        raise LookupError("Unknown client: the client_id is not registered.")
+        raise UntrustedRedirectError("Unknown client: the client_id is not registered.")
     redirect_uri = params.get("redirect_uri", "")
     if redirect_uri not in application.redirect_uris:
-        raise LookupError("The redirect_uri is not registered for this client.")
+        raise UntrustedRedirectError("The redirect_uri is not registered for this client.")
     state = params.get("state")
 
     def fail(error: str, description: str | None = None) -> RedirectableError:
@@ -151,7 +155,7 @@ def authorize() -> Any:
     store = _store()
     try:
         auth = _validate_authorize(store, request_params())
-    except LookupError as exc:
+    except UntrustedRedirectError as exc:
         return _error_page(str(exc))
     except RedirectableError as exc:
         return _redirect_error(exc)
@@ -173,7 +177,7 @@ def decide() -> Any:
         auth = _validate_authorize(store, params)
     except OAuthError as exc:
         return _error_page(exc.description)
-    except LookupError as exc:
+    except UntrustedRedirectError as exc:
         return _error_page(str(exc))
     except RedirectableError as exc:
         return _redirect_error(exc)

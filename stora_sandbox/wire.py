@@ -57,21 +57,38 @@ def request_id() -> str:
     return str(g.request_id)
 
 
+def stora_error_body(code: str, message: str) -> dict[str, Any]:
+    """Stora's error envelope for ``code`` with the current request id."""
+    return {
+        "error": {
+            "code": code,
+            "links": ERROR_LINKS,
+            "message": message,
+            "request_id": request_id(),
+            "type": STORA_ERRORS[code][1],
+        }
+    }
+
+
+def stora_code_for_status(status: int) -> str:
+    """The Stora error code a response with this HTTP status would carry."""
+    by_status = {
+        400: "invalid_request",
+        401: "invalid_token",
+        403: "forbidden",
+        404: "resource_not_found",
+        406: "invalid_format",
+        409: "conflict",
+        422: "invalid_content",
+        429: "too_many_requests",
+    }
+    return by_status.get(status, "internal_server_error" if status >= 500 else "invalid_request")
+
+
 def stora_error(code: str, message: str, *, status: int | None = None) -> Response:
     """A Stora error envelope response for ``code`` (status defaults to the code's)."""
-    default_status, error_type = STORA_ERRORS[code]
-    response = jsonify(
-        {
-            "error": {
-                "code": code,
-                "links": ERROR_LINKS,
-                "message": message,
-                "request_id": request_id(),
-                "type": error_type,
-            }
-        }
-    )
-    response.status_code = status or default_status
+    response = jsonify(stora_error_body(code, message))
+    response.status_code = status or STORA_ERRORS[code][0]
     if code == "invalid_token":
         response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     return response

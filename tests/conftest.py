@@ -96,8 +96,9 @@ def sandbox(tmp_path_factory) -> Iterator[Sandbox]:
     log_file = open(log_path, "w")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
         [sys.executable, "-m", "stora_sandbox", "--host", "127.0.0.1", "--port", str(port),
-         "--client-id", TEST_CLIENT_ID, "--client-secret", TEST_CLIENT_SECRET,
+         "--client-id", TEST_CLIENT_ID,
          "--redirect-uri", "http://127.0.0.1:5999/oauth/callback", "--seed", "demo"],
+        env={**os.environ, "STORA_SANDBOX_CLIENT_SECRET": TEST_CLIENT_SECRET},
         cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while not _port_open("127.0.0.1", port):

@@ -35,7 +35,7 @@ FORMAT_VERSION = "v1"
 NONCE_BYTES = 12
 DATA_KEY_BYTES = 32
 _AAD_PREFIX = b"stora-partner|v1|"
-_CIPHERTEXT_RE = re.compile(r"^v1\.([A-Za-z0-9_-]{1,32})\.([A-Za-z0-9_-]+)$")
+_CIPHERTEXT_RE = re.compile(r"v1\.([A-Za-z0-9_-]{1,32})\.([A-Za-z0-9_-]+)")
 
 PURPOSE_DATA_KEYS = "data-keys"
 PURPOSE_INSTALL_STATE = "install-state"
@@ -79,7 +79,7 @@ def _seal(key: bytes, kid: str, plaintext: bytes, aad: bytes) -> str:
 
 def parse_ciphertext(ciphertext: str) -> tuple[str, bytes]:
     """Split ``v1.<kid>.<b64>`` into (kid, raw bytes). Raises DecryptionError."""
-    match = _CIPHERTEXT_RE.match(ciphertext or "")
+    match = _CIPHERTEXT_RE.fullmatch(ciphertext or "")
     if not match:
         raise DecryptionError("not a v1 vault ciphertext")
     try:

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from stora_sandbox import SandboxConfig, create_app
-from tests.sandbox.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, FakeClock, OAuth, bearer
+from tests.sandbox.support import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, FakeClock, OAuth, bearer
 
 
 def admin(oauth: OAuth, method: str, path: str, expected: int = 200, **kwargs):

@@ -7,7 +7,7 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from tests.sandbox.conftest import CLIENT_ID, REDIRECT_URI, OAuth, query_of
+from tests.sandbox.support import CLIENT_ID, REDIRECT_URI, OAuth, query_of
 
 
 class FormParser(HTMLParser):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from stora_sandbox import ConnectionDropped
-from tests.sandbox.conftest import OAuth, bearer
+from tests.sandbox.support import OAuth, bearer
 
 
 def add_fault(oauth: OAuth, **spec) -> dict:
@@ -45,6 +45,9 @@ def test_status_only_faults_get_plausible_bodies(oauth: OAuth) -> None:
     api = oauth.api("/sites", token)
     assert api.status_code == 503
     assert api.get_json()["error"]["code"] == "internal_server_error"
+    assert api.get_json()["error"]["request_id"] == api.headers["X-Request-Id"]
+    add_fault(oauth, endpoint="api", status=429)
+    assert oauth.api("/sites", token).get_json()["error"]["code"] == "too_many_requests"
     add_fault(oauth, endpoint="token", status=502)
     oauth_error = oauth.refresh("whatever")
     assert oauth_error.status_code == 502

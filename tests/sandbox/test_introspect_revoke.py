@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.sandbox.conftest import (
+from tests.sandbox.support import (
     CLIENT_ID,
     CLIENT_SECRET,
     OTHER_CLIENT_ID,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.sandbox.conftest import START, FakeClock, OAuth
+from tests.sandbox.support import START, FakeClock, OAuth
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.sandbox.conftest import (
+from tests.sandbox.support import (
     CLIENT_ID,
+    CLIENT_SECRET,
     OTHER_CLIENT_ID,
     OTHER_CLIENT_SECRET,
     FakeClock,
@@ -86,7 +87,7 @@ def test_introspect_does_not_count_as_use(oauth: OAuth) -> None:
         json={
             "token": second["access_token"],
             "client_id": CLIENT_ID,
-            "client_secret": "sandbox-test-secret",
+            "client_secret": CLIENT_SECRET,
         },
     )
     assert response.get_json()["active"] is True

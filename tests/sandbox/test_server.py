@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from tests.sandbox.conftest import (
+from tests.sandbox.support import (
     CLIENT_ID,
     CLIENT_SECRET,
     READ_SCOPES,
@@ -221,6 +221,22 @@ def test_threaded_server_serves_while_a_request_is_slow(fresh: Running) -> None:
         assert time.monotonic() - started < 1.0
         assert not slow.done()
         assert slow.result().status_code == 200
+
+
+@pytest.mark.parametrize(("mode", "successes"), [("immediate", 1), ("on_use", 12)])
+def test_concurrent_refreshes_with_one_token(fresh: Running, mode: str, successes: int) -> None:
+    fresh.admin("PATCH", "config", json={"revocation_mode": mode})
+    tokens = connect(fresh)
+    barrier = threading.Barrier(12)
+
+    def race() -> int:
+        barrier.wait()
+        return refresh(fresh, tokens["refresh_token"]).status_code
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        codes = list(pool.map(lambda _: race(), range(12)))
+    assert codes.count(200) == successes
+    assert codes.count(400) == 12 - successes
 
 
 def test_process_logs_carry_no_secrets(fresh: Running) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.sandbox.conftest import (
+from tests.sandbox.support import (
     CLIENT_ID,
     CLIENT_SECRET,
     OTHER_CLIENT_ID,
