@@ -11,6 +11,7 @@ New tokens are committed before anyone uses the new access token, because Stora
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -93,16 +94,21 @@ def store_token_set(operator: Operator, tokens: TokenSet, *, vault: Vault, now: 
         credential = Credential(operator_id=operator.id, version=1, **values)
         db.session.add(credential)
         db.session.flush()
-        return credential
-    version = credential.version if expected_version is None else expected_version
-    result = db.session.execute(
-        update(Credential)
-        .where(Credential.id == credential.id, Credential.version == version)
-        .values(version=Credential.version + 1, **values)
-        .execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        raise StaleCredential(f"credential of operator {operator.id} moved past v{version}")
-    db.session.refresh(credential)
+    else:
+        version = credential.version if expected_version is None else expected_version
+        result = db.session.execute(
+            update(Credential)
+            .where(Credential.id == credential.id, Credential.version == version)
+            .values(version=Credential.version + 1, **values)
+            .execution_options(synchronize_session=False))
+        if result.rowcount != 1:
+            raise StaleCredential(f"credential of operator {operator.id} moved past v{version}")
+        db.session.refresh(credential)
+    # A key rotation may have destroyed the key we encrypted with between our choosing
+    # it and our write; checked after the write, inside our transaction, so rotation's
+    # "nothing references this key" check and ours cannot both pass.
+    if db.session.scalar(select(DataKey.destroyed_at).where(DataKey.id == key.id)) is not None:
+        raise StaleCredential(f"data key of operator {operator.id} was rotated away")
     return credential
 
 
@@ -124,14 +130,25 @@ def _decrypt(credential: Credential, column: str, *, vault: Vault) -> str:
                                                     getattr(credential, column))
 
 
+def _usable(credential: Credential, *, vault: Vault, now: datetime,
+            rejected: str | None) -> str | None:
+    """The stored access token if it is fresh and not the one Stora just rejected."""
+    if credential.access_expires_at - now <= ON_DEMAND_MARGIN:
+        return None
+    token = _decrypt(credential, "access_token_ct", vault=vault)
+    return None if rejected is not None and secrets.compare_digest(token, rejected) else token
+
+
 def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
                      now: Callable[[], datetime] = lambda: datetime.now(UTC),
-                     force: bool = False) -> str:
+                     rejected: str | None = None) -> str:
     """A valid access token for the operator, refreshing it single-flight if needed.
 
-    Commits its own transaction when it refreshes (the new pair must be durable before
-    its first use), so call it outside any unit of work you still want to roll back.
-    Raises NotConnected, NeedsReauth, or a retryable OAuthError.
+    ``rejected`` is a token Stora answered 401 to: it is never returned, so a caller
+    either gets a sibling's newer token or a fresh refresh. Commits its own transaction
+    when it refreshes (the new pair must be durable before its first use), so call it
+    outside any unit of work you still want to roll back. Raises NotConnected,
+    NeedsReauth, or a retryable OAuthError.
     """
     operator = db.session.get(Operator, operator_id)
     if operator is None or operator.status in (OperatorStatus.DISCONNECTED,
@@ -139,28 +156,29 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
         raise NotConnected(f"operator {operator_id} is not connected")
     if operator.status == OperatorStatus.NEEDS_REAUTH:
         raise NeedsReauth(f"operator {operator_id} needs to reconnect")
-    seen = _read(operator_id)
-    if not force and seen.access_expires_at - now() > ON_DEMAND_MARGIN:
-        return _decrypt(seen, "access_token_ct", vault=vault)
-    seen_version = seen.version
+    token = _usable(_read(operator_id), vault=vault, now=now(), rejected=rejected)
+    if token is not None:
+        return token
     db.session.commit()  # end the read; the locked read below starts a fresh transaction
 
     locked = _read(operator_id, lock=True)
-    if locked.version != seen_version or \
-            (not force and locked.access_expires_at - now() > ON_DEMAND_MARGIN):
-        token = _decrypt(locked, "access_token_ct", vault=vault)  # a sibling refreshed
+    token = _usable(locked, vault=vault, now=now(), rejected=rejected)
+    if token is not None:  # a sibling refreshed while we waited for the lock
         db.session.commit()
         return token
     if locked.refresh_token_ct is None:
         _mark_needs_reauth(operator_id, reason="no refresh token stored")
         raise NeedsReauth(f"operator {operator_id} has no refresh token")
-    refresh_token = _decrypt(locked, "refresh_token_ct", vault=vault)
+    spent = _decrypt(locked, "refresh_token_ct", vault=vault)
+    read_version = locked.version
     try:
-        tokens = oauth.refresh(refresh_token)
+        tokens = oauth.refresh(spent)
     except InvalidGrant:
         db.session.rollback()
         current = _read(operator_id)
-        if current.version != seen_version:  # a sibling rotated under us: adopt it
+        if current.refresh_token_ct is not None and not secrets.compare_digest(
+                _decrypt(current, "refresh_token_ct", vault=vault), spent):
+            # A sibling rotated the pair under us: adopt its result, never declare death.
             token = _decrypt(current, "access_token_ct", vault=vault)
             db.session.commit()
             return token
@@ -171,7 +189,7 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
         raise
     operator = db.session.get(Operator, operator_id)
     credential = store_token_set(operator, tokens, vault=vault, now=now(),
-                                 expected_version=seen_version)
+                                 expected_version=read_version)
     log.info("token.refreshed", extra={"operator": operator.public_id,
                                        "version": credential.version})
     db.session.commit()
@@ -200,14 +218,11 @@ class OperatorTokens:
         return get_access_token(self.operator_id, vault=self._vault, oauth=self._oauth)
 
     def replace_rejected(self, rejected: str) -> str | None:
-        # A sibling may have rotated (and thereby revoked our token): re-read first,
-        # and refresh only if the stored token is still the one Stora rejected.
+        # A sibling may have rotated (and so revoked our token): get_access_token returns
+        # the stored token if it is a different, fresh one, and refreshes otherwise.
         db.session.rollback()
-        current = _decrypt(_read(self.operator_id), "access_token_ct", vault=self._vault)
-        if current != rejected:
-            return current
         try:
             return get_access_token(self.operator_id, vault=self._vault, oauth=self._oauth,
-                                    force=True)
+                                    rejected=rejected)
         except NeedsReauth:
             return None

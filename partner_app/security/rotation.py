@@ -369,6 +369,10 @@ def _destroy_if_unreferenced(old: _KeyRef, report: RotationReport) -> None:
     on the key), so a write in flight is waited for and then seen by the check. The
     credential's version is bumped with the destruction: a writer that read the version
     before this commit, possibly together with the old key, is fenced off.
+
+    Not covered from here: a writer that picked the old key before its replacement
+    existed but reads the credential's version only after this commit. Closing that
+    needs the writer to check, after its write, that its key is still live.
     """
     db.session.execute(select(Credential.id)
                        .where(Credential.operator_id == old.operator_id).with_for_update())

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 STAFF_EMAIL = "staff@partner.example"
-STAFF_PASSWORD = "correct horse battery staple"  # noqa: S105 (test value)
+STAFF_PASSWORD = "correct horse battery staple"
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 if not Path(CHROMIUM).exists():
