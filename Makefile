@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check partner_app stora_sandbox workers tests bench
+	$(BIN)/ruff check partner_app stora_sandbox workers tests $(wildcard bench)
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache
