@@ -92,6 +92,6 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def _import_models() -> None:
     """Register every model on the metadata (migrations and create_all see them all)."""
-    from partner_app import audit  # noqa: F401
+    from partner_app import audit, incidents  # noqa: F401
     from partner_app.connections import models  # noqa: F401
     from partner_app.security import models as security_models  # noqa: F401

@@ -46,6 +46,9 @@ class Operator(db.Model):
     disconnected_at: Mapped[datetime | None]
     last_api_success_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(String(500))
+    # Consecutive transient refresh failures; reset by a successful refresh.
+    refresh_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_refresh_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -45,6 +45,19 @@ class TokenSource(Protocol):
         ...
 
 
+class RateLimiter(Protocol):
+    """Shared admission control for calls to Stora (see ``stora/ratelimit.py``)."""
+
+    def acquire(self, key: str, *, kind: str = "api") -> None:
+        """Return when a call for ``key`` may go out now. Waits briefly; raises
+        ``RateLimitWait`` (retryable, with ``retry_after``) rather than wait long."""
+        ...
+
+    def backoff(self, key: str, seconds: float) -> None:
+        """Stora answered 429 for ``key``: no caller may call for it for ``seconds``."""
+        ...
+
+
 @dataclass(frozen=True)
 class Page:
     """One page of a list endpoint, unwrapped from Stora's envelope."""
@@ -122,12 +135,15 @@ class StoraClient:
 
     def __init__(self, *, api_base: str, tokens: TokenSource, version: str = API_VERSION,
                  timeout: tuple[float, float] = (3.0, 10.0),
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None,
+                 limiter: RateLimiter | None = None, limiter_key: str | None = None):
         self.api_base = api_base.rstrip("/")
         self.version = version
         self.timeout = timeout
         self._tokens = tokens
         self._session = session or requests.Session()
+        self._limiter = limiter
+        self._limiter_key = limiter_key or "default"
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 json: dict[str, Any] | None = None,
@@ -170,14 +186,20 @@ class StoraClient:
         return body
 
     def _send(self, method: str, url: str, params, json, headers, token) -> requests.Response:
+        if self._limiter is not None:
+            self._limiter.acquire(self._limiter_key)
         try:
-            return self._session.request(
+            resp = self._session.request(
                 method, url, params=params, json=json, timeout=self.timeout,
                 headers={**headers, "Authorization": f"Bearer {token}"})
         except requests.Timeout as exc:
             raise ApiUnavailable(f"{method} {url.split('?')[0]}: timed out") from exc
         except requests.RequestException as exc:
             raise ApiUnavailable(f"{method} {url.split('?')[0]}: {type(exc).__name__}") from exc
+        if resp.status_code == 429 and self._limiter is not None:
+            # Every worker honours the cooldown, not only the one that was told.
+            self._limiter.backoff(self._limiter_key, _retry_after(resp) or 1.0)
+        return resp
 
     # -- lists --------------------------------------------------------------------------
     def get_page(self, resource: str, *, page: int = 1, limit: int = MAX_PAGE_SIZE,

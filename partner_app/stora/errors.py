@@ -82,3 +82,10 @@ class NotFound(ApiError):
 
 class RequestRejected(ApiError):
     """Any other 4xx (400, 409, 422…): permanent for this request."""
+
+
+class RateLimitWait(StoraError):
+    """Our own limiter says the next call for this key may go out only after
+    ``retry_after`` seconds: too long to wait in a worker, so re-schedule instead."""
+
+    retryable = True
