@@ -156,8 +156,9 @@ class Sandbox:
         return values
 
 
-def make_settings(urls: dict, *, sandbox_url: str = "http://127.0.0.1:9",
-                  public_base_url: str = "http://127.0.0.1:5999", **extra: str) -> Settings:
+def settings_env(urls: dict, *, sandbox_url: str = "http://127.0.0.1:9",
+                 public_base_url: str = "http://127.0.0.1:5999", **extra: str) -> dict[str, str]:
+    """The environment a process of this test run needs (for subprocesses too)."""
     env = {
         "APP_ENV": "test",
         "DATABASE_URL": urls["database_url"],
@@ -173,12 +174,21 @@ def make_settings(urls: dict, *, sandbox_url: str = "http://127.0.0.1:9",
     }
     if urls["redis_url"]:
         env["REDIS_URL"] = urls["redis_url"]
-    return Settings.from_env(env)
+    return env
+
+
+def make_settings(urls: dict, **kwargs: str) -> Settings:
+    return Settings.from_env(settings_env(urls, **kwargs))
 
 
 @pytest.fixture(scope="session")
-def settings(backend_urls, sandbox) -> Settings:
-    return make_settings(backend_urls, sandbox_url=sandbox.base_url)
+def app_env(backend_urls, sandbox) -> dict[str, str]:
+    return settings_env(backend_urls, sandbox_url=sandbox.base_url)
+
+
+@pytest.fixture(scope="session")
+def settings(app_env) -> Settings:
+    return Settings.from_env(app_env)
 
 
 @pytest.fixture(scope="session")

@@ -1,35 +1,26 @@
-"""An operator's Stora tokens: storing them encrypted, reading them, refreshing them.
+"""An operator's Stora tokens at rest: stored encrypted, read, decrypted.
 
 Every write to ``credentials`` is a compare-and-swap on ``version`` (the fence), so a
-stale writer changes nothing. A refresh takes the credential's row lock on PostgreSQL
-(``SELECT … FOR UPDATE``) across the token call so only one process spends a refresh
-token; SQLite has no row locks, and there the fence alone keeps the stored pair right.
-New tokens are committed before anyone uses the new access token, because Stora
-(Doorkeeper) revokes the previous refresh token on the new access token's first use.
+stale writer (a slow refresher, a key rotation) changes nothing. The refresh protocol
+that uses this lives in ``connections/tokens.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select, update
 
-from partner_app import audit
-from partner_app.connections.models import Credential, Operator, OperatorStatus
+from partner_app.connections.models import Credential, Operator
 from partner_app.db import db
 from partner_app.security.models import DataKey
 from partner_app.security.vault import OperatorCipher, Vault
-from partner_app.stora.errors import InvalidGrant, OAuthError
-from partner_app.stora.oauth import StoraOAuth, TokenSet
+from partner_app.stora.oauth import TokenSet
 
 log = logging.getLogger(__name__)
 
 TABLE = "credentials"
-# Refresh on demand when less than this remains, so a token never expires mid-call.
-ON_DEMAND_MARGIN = timedelta(seconds=120)
 
 
 class CredentialError(Exception):
@@ -112,7 +103,8 @@ def store_token_set(operator: Operator, tokens: TokenSet, *, vault: Vault, now: 
     return credential
 
 
-def _read(operator_id: int, *, lock: bool = False) -> Credential:
+def read_credential(operator_id: int, *, lock: bool = False) -> Credential:
+    """The operator's credential row, freshly loaded (``FOR UPDATE`` when ``lock``)."""
     stmt = select(Credential).where(Credential.operator_id == operator_id)
     if lock:
         stmt = stmt.with_for_update()
@@ -122,107 +114,12 @@ def _read(operator_id: int, *, lock: bool = False) -> Credential:
     return credential
 
 
-def _decrypt(credential: Credential, column: str, *, vault: Vault) -> str:
-    key = db.session.get(DataKey, credential.data_key_id)
+def decrypt_column(credential: Credential, column: str, *, vault: Vault) -> str:
+    """Plaintext of one secret column; keep it in a local variable only."""
+    key = db.session.get(DataKey, credential.data_key_id, populate_existing=True)
     if key is None:
         raise NotConnected("data key missing")
     return cipher_for_key(key, vault=vault).decrypt(TABLE, column,
                                                     getattr(credential, column))
 
 
-def _usable(credential: Credential, *, vault: Vault, now: datetime,
-            rejected: str | None) -> str | None:
-    """The stored access token if it is fresh and not the one Stora just rejected."""
-    if credential.access_expires_at - now <= ON_DEMAND_MARGIN:
-        return None
-    token = _decrypt(credential, "access_token_ct", vault=vault)
-    return None if rejected is not None and secrets.compare_digest(token, rejected) else token
-
-
-def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
-                     now: Callable[[], datetime] = lambda: datetime.now(UTC),
-                     rejected: str | None = None) -> str:
-    """A valid access token for the operator, refreshing it single-flight if needed.
-
-    ``rejected`` is a token Stora answered 401 to: it is never returned, so a caller
-    either gets a sibling's newer token or a fresh refresh. Commits its own transaction
-    when it refreshes (the new pair must be durable before its first use), so call it
-    outside any unit of work you still want to roll back. Raises NotConnected,
-    NeedsReauth, or a retryable OAuthError.
-    """
-    operator = db.session.get(Operator, operator_id)
-    if operator is None or operator.status in (OperatorStatus.DISCONNECTED,
-                                               OperatorStatus.PENDING):
-        raise NotConnected(f"operator {operator_id} is not connected")
-    if operator.status == OperatorStatus.NEEDS_REAUTH:
-        raise NeedsReauth(f"operator {operator_id} needs to reconnect")
-    token = _usable(_read(operator_id), vault=vault, now=now(), rejected=rejected)
-    if token is not None:
-        return token
-    db.session.commit()  # end the read; the locked read below starts a fresh transaction
-
-    locked = _read(operator_id, lock=True)
-    token = _usable(locked, vault=vault, now=now(), rejected=rejected)
-    if token is not None:  # a sibling refreshed while we waited for the lock
-        db.session.commit()
-        return token
-    if locked.refresh_token_ct is None:
-        _mark_needs_reauth(operator_id, reason="no refresh token stored")
-        raise NeedsReauth(f"operator {operator_id} has no refresh token")
-    spent = _decrypt(locked, "refresh_token_ct", vault=vault)
-    read_version = locked.version
-    try:
-        tokens = oauth.refresh(spent)
-    except InvalidGrant:
-        db.session.rollback()
-        current = _read(operator_id)
-        if current.refresh_token_ct is not None and not secrets.compare_digest(
-                _decrypt(current, "refresh_token_ct", vault=vault), spent):
-            # A sibling rotated the pair under us: adopt its result, never declare death.
-            token = _decrypt(current, "access_token_ct", vault=vault)
-            db.session.commit()
-            return token
-        _mark_needs_reauth(operator_id, reason="refresh token rejected (invalid_grant)")
-        raise NeedsReauth(f"operator {operator_id}: refresh token rejected") from None
-    except OAuthError:
-        db.session.rollback()
-        raise
-    operator = db.session.get(Operator, operator_id)
-    credential = store_token_set(operator, tokens, vault=vault, now=now(),
-                                 expected_version=read_version)
-    log.info("token.refreshed", extra={"operator": operator.public_id,
-                                       "version": credential.version})
-    db.session.commit()
-    return tokens.access_token
-
-
-def _mark_needs_reauth(operator_id: int, *, reason: str) -> None:
-    operator = db.session.get(Operator, operator_id)
-    operator.status = OperatorStatus.NEEDS_REAUTH
-    operator.last_error = reason
-    audit.record("operator.needs_reauth", actor_type="system", actor="token-refresh",
-                 operator_id=operator_id, reason=reason)
-    db.session.commit()
-    log.warning("token.needs_reauth", extra={"operator": operator.public_id, "reason": reason})
-
-
-class OperatorTokens:
-    """``TokenSource`` for ``StoraClient``: tokens from the vault, refreshed on demand."""
-
-    def __init__(self, operator_id: int, *, vault: Vault, oauth: StoraOAuth):
-        self.operator_id = operator_id
-        self._vault = vault
-        self._oauth = oauth
-
-    def access_token(self) -> str:
-        return get_access_token(self.operator_id, vault=self._vault, oauth=self._oauth)
-
-    def replace_rejected(self, rejected: str) -> str | None:
-        # A sibling may have rotated (and so revoked our token): get_access_token returns
-        # the stored token if it is a different, fresh one, and refreshes otherwise.
-        db.session.rollback()
-        try:
-            return get_access_token(self.operator_id, vault=self._vault, oauth=self._oauth,
-                                    rejected=rejected)
-        except NeedsReauth:
-            return None

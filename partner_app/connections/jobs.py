@@ -7,13 +7,11 @@ from datetime import UTC, datetime
 
 from flask import current_app
 
-from partner_app.connections.credentials import (
-    CredentialError,
-    NeedsReauth,
-    OperatorTokens,
-)
+from partner_app.connections.credentials import CredentialError, NeedsReauth
 from partner_app.connections.models import Operator, OperatorStatus
+from partner_app.connections.tokens import OperatorTokens
 from partner_app.db import db
+from partner_app.queueing import get_redis
 from partner_app.stora.client import StoraClient, storefront_host
 from partner_app.stora.errors import StoraError
 
@@ -24,7 +22,8 @@ def client_for(operator_id: int) -> StoraClient:
     """A StoraClient for one operator, wired to the app's vault and OAuth client."""
     settings = current_app.extensions["settings"]
     tokens = OperatorTokens(operator_id, vault=current_app.extensions["vault"],
-                            oauth=current_app.extensions["stora_oauth"])
+                            oauth=current_app.extensions["stora_oauth"],
+                            redis=get_redis())
     return StoraClient(api_base=settings.stora_api_base, tokens=tokens,
                        timeout=(settings.http_connect_timeout, settings.http_read_timeout))
 
