@@ -99,19 +99,10 @@ def links() -> None:
 @click.option("--note", default=None, help="Who the link is for (shown to staff).")
 def links_create(operator_ref: str | None, ttl: timedelta, note: str | None) -> None:
     """Print a single-use install link."""
-    from sqlalchemy import select
-
     from partner_app.connections.install import create_install_link
-    from partner_app.connections.models import Operator
     from partner_app.db import db
 
-    operator = None
-    if operator_ref:
-        operator = db.session.scalars(select(Operator).where(
-            (Operator.public_id == operator_ref) |
-            (Operator.id == (int(operator_ref) if operator_ref.isdigit() else -1)))).one_or_none()
-        if operator is None:
-            raise click.ClickException(f"no operator {operator_ref!r}")
+    operator = _find_operator(operator_ref) if operator_ref else None
     issued = create_install_link(settings=current_app.extensions["settings"], created_by="cli",
                                  now=datetime.now(UTC), operator=operator,
                                  ttl=ttl, note=note)
@@ -135,6 +126,48 @@ def operators_list() -> None:
         last = op.last_api_success_at.isoformat(timespec="seconds") \
             if op.last_api_success_at else "-"
         click.echo(f"{op.public_id}  {op.status:<13} {op.name or '-':<32} last_api={last}")
+
+
+@operators.command("disconnect")
+@click.argument("operator_ref")
+@click.option("--no-revoke", is_flag=True,
+              help="Disconnect locally even though Stora cannot be told (it keeps the grant).")
+@click.confirmation_option(prompt="Disconnect this operator and destroy its keys?")
+def operators_disconnect(operator_ref: str, no_revoke: bool) -> None:
+    """Revoke at Stora, destroy the operator's keys, mark it disconnected."""
+    from partner_app.connections.disconnect import DisconnectFailed, disconnect_operator
+    from partner_app.db import db
+
+    operator = _find_operator(operator_ref)
+    try:
+        result = disconnect_operator(
+            operator, vault=current_app.extensions["vault"],
+            oauth=current_app.extensions["stora_oauth"], now=datetime.now(UTC),
+            actor_type="system", actor="cli", revoke=not no_revoke)
+    except DisconnectFailed as exc:
+        raise click.ClickException(f"not disconnected: {exc.reason} (nothing changed; retry, "
+                                   "or use --no-revoke)") from None
+    db.session.commit()
+    if result.already_disconnected:
+        click.echo(f"{operator.public_id} was already disconnected")
+    else:
+        click.echo(f"{operator.public_id} disconnected; revoked at Stora: "
+                   f"{'yes' if result.revoked_at_stora else 'no'}; "
+                   f"keys destroyed: {result.destroyed_keys}")
+
+
+def _find_operator(ref: str):
+    from sqlalchemy import select
+
+    from partner_app.connections.models import Operator
+    from partner_app.db import db
+
+    operator = db.session.scalars(select(Operator).where(
+        (Operator.public_id == ref) |
+        (Operator.id == (int(ref) if ref.isdigit() else -1)))).one_or_none()
+    if operator is None:
+        raise click.ClickException(f"no operator {ref!r}")
+    return operator
 
 
 # -- staff -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from flask import current_app
 
-from partner_app.connections.credentials import CredentialError, NeedsReauth
+from partner_app.connections.credentials import CredentialError
 from partner_app.connections.models import Operator, OperatorStatus
 from partner_app.connections.tokens import OperatorTokens
 from partner_app.db import db
@@ -41,7 +41,9 @@ def first_api_call(operator_id: int) -> dict:
     client = client_for(operator_id)
     try:
         pages = list(client.iter_pages("sites"))
-    except (NeedsReauth, CredentialError) as exc:
+    except CredentialError as exc:
+        if getattr(exc, "retryable", False):
+            raise
         log.warning("first_api_call.no_token", extra={"operator_id": operator_id,
                                                       "error": type(exc).__name__})
         return {"error": type(exc).__name__}
@@ -63,3 +65,55 @@ def first_api_call(operator_id: int) -> dict:
     return {"sites": len(sites)}
 
 
+
+
+def refresh_expiring_tokens() -> dict:
+    """Cron: queue a refresh for every operator whose token expires within the margin.
+
+    Job ids are deterministic per operator and expiry (``refresh-<op>-<epoch>``) and
+    unique, so overlapping sweeps or many cron processes queue each refresh once.
+    """
+    from rq.exceptions import DuplicateJobError
+    from sqlalchemy import select
+
+    from partner_app.connections.models import Credential
+    from partner_app.connections.tokens import PROACTIVE_MARGIN
+    from partner_app.queueing import STORA_RETRY, get_queue
+
+    horizon = datetime.now(UTC) + PROACTIVE_MARGIN
+    due = db.session.execute(
+        select(Credential.operator_id, Credential.access_expires_at)
+        .join(Operator, Operator.id == Credential.operator_id)
+        .where(Operator.status.in_([OperatorStatus.ACTIVE, OperatorStatus.DEGRADED]),
+               Credential.access_expires_at <= horizon)).all()
+    queue = get_queue()
+    queued = 0
+    for operator_id, expires_at in due:
+        try:
+            queue.enqueue("partner_app.connections.jobs.refresh_operator_token", operator_id,
+                          job_id=f"refresh-{operator_id}-{int(expires_at.timestamp())}",
+                          unique=True, retry=STORA_RETRY, result_ttl=600)
+            queued += 1
+        except DuplicateJobError:
+            pass
+    log.info("tokens.sweep", extra={"due": len(due), "queued": queued})
+    return {"due": len(due), "queued": queued}
+
+
+def refresh_operator_token(operator_id: int) -> dict:
+    """Refresh one operator's token ahead of expiry (no-op if a sibling already did)."""
+    from partner_app.connections.tokens import (
+        PROACTIVE_MARGIN,
+        PlatformCredentialsRejected,
+        get_access_token,
+    )
+
+    try:
+        get_access_token(operator_id, vault=current_app.extensions["vault"],
+                         oauth=current_app.extensions["stora_oauth"], redis=get_redis(),
+                         margin=PROACTIVE_MARGIN)
+    except (CredentialError, PlatformCredentialsRejected) as exc:
+        if getattr(exc, "retryable", False):
+            raise
+        return {"refreshed": False, "reason": type(exc).__name__}
+    return {"refreshed": True}
