@@ -104,10 +104,14 @@ def store_token_set(operator: Operator, tokens: TokenSet, *, vault: Vault, now: 
 
 
 def read_credential(operator_id: int, *, lock: bool = False) -> Credential:
-    """The operator's credential row, freshly loaded (``FOR UPDATE`` when ``lock``)."""
+    """The operator's credential row, freshly loaded.
+
+    ``lock`` takes the row lock without waiting (``FOR UPDATE NOWAIT``; PostgreSQL
+    raises lock_not_available when a sibling holds it; SQLite ignores it).
+    """
     stmt = select(Credential).where(Credential.operator_id == operator_id)
     if lock:
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update(nowait=True)
     credential = db.session.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
     if credential is None:
         raise NotConnected(f"operator {operator_id} has no credentials")

@@ -23,15 +23,17 @@ Redis lock gives single-flight and the fence keeps the stored pair right.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import redis as redis_lib
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from partner_app import audit, failpoints, incidents
@@ -63,6 +65,8 @@ ON_DEMAND_MARGIN = timedelta(seconds=120)
 PROACTIVE_MARGIN = timedelta(minutes=25)
 # Waiting for a sibling's refresh: longer than one token round trip with retries.
 LOCK_TIMEOUT_SECONDS = 15
+# How often a waiter re-reads for the sibling's committed token (jittered).
+POLL_INTERVAL = 0.02
 QUICK_RETRIES = 2
 MAX_QUICK_RETRY_WAIT = 2.0
 REDIS_LOCK_TTL = 40  # > 2 x (HTTP timeouts + retries + commit), per reliability.md §3.2
@@ -95,20 +99,44 @@ def _usable(credential: Credential, *, vault: Vault, now: datetime, margin: time
     return token
 
 
+class _Flight:
+    """One in-process refresh that other threads wait on."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.token: str | None = None
+
+
+_flights: dict[tuple[int, timedelta], _Flight] = {}
+_flights_lock = threading.Lock()
+
+
+def _reset_flights_after_fork() -> None:
+    global _flights_lock
+    _flights.clear()
+    _flights_lock = threading.Lock()  # a lock held by another thread at fork never frees
+
+
+os.register_at_fork(after_in_child=_reset_flights_after_fork)
+
+
+class _Busy(Exception):
+    """A sibling holds the refresh gate right now."""
+
+
 @contextmanager
-def _redis_single_flight(redis: redis_lib.Redis | None, operator_id: int) -> Iterator[None]:
-    """Keep concurrent refreshers of one operator off the database (optional).
+def _redis_gate(redis: redis_lib.Redis | None, operator_id: int) -> Iterator[None]:
+    """Let one process per operator into the refresh; the rest wait outside (optional).
 
     Never the correctness mechanism: the row lock and the fence are. An expired lock
-    (``LockNotOwnedError`` on release) only means our section was not exclusive.
+    (``LockError`` on release) only means our section was not exclusive.
     """
     if redis is None:
         yield
         return
-    lock = redis.lock(f"stora:refresh:{operator_id}", timeout=REDIS_LOCK_TTL,
-                      blocking_timeout=LOCK_TIMEOUT_SECONDS)
-    if not lock.acquire():
-        raise RefreshBusy(f"operator {operator_id}: refresh lock busy")
+    lock = redis.lock(_gate_key(operator_id), timeout=REDIS_LOCK_TTL)
+    if not lock.acquire(blocking=False):
+        raise _Busy
     try:
         yield
     finally:
@@ -118,17 +146,39 @@ def _redis_single_flight(redis: redis_lib.Redis | None, operator_id: int) -> Ite
             log.warning("token.refresh_lock_expired", extra={"operator_id": operator_id})
 
 
+def _gate_key(operator_id: int) -> str:
+    return f"stora:refresh:{operator_id}"
+
+
+def _wait_for_sibling(redis: redis_lib.Redis | None, operator_id: int,
+                      deadline: float) -> None:
+    """Sleep until the sibling holding the gate is likely done. Raises RefreshBusy.
+
+    With Redis, waiters watch the gate key (a cheap EXISTS) and touch the database only
+    once it is released, so a hundred waiters do not saturate it with re-reads.
+    """
+    while True:
+        if time.monotonic() > deadline:
+            raise RefreshBusy(f"operator {operator_id}: a sibling's refresh is taking too long")
+        time.sleep(random.uniform(0.5, 1.0) * POLL_INTERVAL)
+        if redis is None or not redis.exists(_gate_key(operator_id)):
+            return
+
+
 def _lock_row(operator_id: int) -> Credential:
-    if db.session.get_bind().dialect.name == "postgresql":
-        db.session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_SECONDS}s'"))
-        try:
-            return read_credential(operator_id, lock=True)
-        except OperationalError as exc:
-            if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
-                raise
-            db.session.rollback()
-            raise RefreshBusy(f"operator {operator_id}: row lock busy") from None
-    return read_credential(operator_id)
+    """Take the credential's row lock without queueing for it (PostgreSQL).
+
+    A waiter that queued on the lock would then wake in turn, one after another, each
+    holding it for a read: a convoy. Instead it backs off and polls plain reads until
+    the holder's committed token appears.
+    """
+    try:
+        return read_credential(operator_id, lock=True)
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+            raise
+        db.session.rollback()
+        raise _Busy from None
 
 
 def _spend(oauth: StoraOAuth, refresh_token: str) -> TokenSet:
@@ -177,9 +227,49 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
         return token
     db.session.commit()  # end the read; the locked read below starts a fresh transaction
 
-    with _redis_single_flight(redis, operator_id):
-        return _refresh_locked(operator_id, vault=vault, oauth=oauth, now=now,
-                               rejected=rejected, margin=margin)
+    # Threads of one process share one flight: followers sleep on an event instead of
+    # each polling Redis and the database (a hundred pollers starve the one refresher).
+    key = (operator_id, margin)
+    with _flights_lock:
+        flight = _flights.get(key)
+        leader = flight is None
+        if leader:
+            flight = _flights[key] = _Flight()
+    if not leader:
+        flight.done.wait(LOCK_TIMEOUT_SECONDS + 30)
+        if flight.token is not None and (rejected is None or
+                                         not secrets.compare_digest(flight.token, rejected)):
+            return flight.token
+        return _across_processes(operator_id, vault=vault, oauth=oauth, redis=redis,
+                                 now=now, rejected=rejected, margin=margin)
+    try:
+        flight.token = _across_processes(operator_id, vault=vault, oauth=oauth, redis=redis,
+                                         now=now, rejected=rejected, margin=margin)
+        return flight.token
+    finally:
+        with _flights_lock:
+            _flights.pop(key, None)
+        flight.done.set()
+
+
+def _across_processes(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
+                      redis: redis_lib.Redis | None, now: Clock, rejected: str | None,
+                      margin: timedelta) -> str:
+    """Single flight across processes: one refresher, the others wait for its commit."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    while True:
+        try:
+            with _redis_gate(redis, operator_id):
+                return _refresh_locked(operator_id, vault=vault, oauth=oauth, now=now,
+                                       rejected=rejected, margin=margin)
+        except _Busy:
+            pass
+        _wait_for_sibling(redis, operator_id, deadline)
+        token = _usable(read_credential(operator_id), vault=vault, now=now(), margin=margin,
+                        rejected=rejected)
+        db.session.commit()
+        if token is not None:  # the sibling's pair is committed: use it
+            return token
 
 
 def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth, now: Clock,

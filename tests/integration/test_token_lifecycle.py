@@ -101,6 +101,32 @@ def test_t1_twenty_processes_one_refresh(app_ctx, app_env, operator_id, sandbox,
     assert api_works(sandbox, token_for(app_ctx, operator_id))
 
 
+def test_t1_threads_of_one_process_share_one_flight(app_ctx, operator_id, sandbox):
+    import threading
+
+    expire_locally(operator_id)
+    since = last_seq(sandbox)
+    barrier, got, failures = threading.Barrier(12), [], []
+
+    def call() -> None:
+        with app_ctx.app_context():
+            barrier.wait(10)
+            try:
+                got.append(token_for(app_ctx, operator_id))
+            except Exception as exc:
+                failures.append(exc)
+            finally:
+                db.session.remove()
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == [] and len(got) == 12 and len(set(got)) == 1
+    assert len(refreshes(sandbox, since)) == 1
+
+
 # -- T-3 ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["on_use", "immediate"])
 @pytest.mark.parametrize("point", ["before_token_post", "after_token_response_before_commit",
