@@ -1,9 +1,11 @@
 """stora_sandbox: a local imitation of the Stora Public API for tests and demos.
 
-An OAuth 2.0 authorization server with Doorkeeper semantics (``/oauth2/...``), a
-read-only slice of the versioned REST API (``/2025-09/...``) and an admin/test API
-(``/_sandbox/...``) for seeding data, flipping behaviour switches, injecting faults and
-inspecting requests and issued tokens.
+An OAuth 2.0 authorization server with Doorkeeper semantics (``/oauth2/...``), a slice
+of the versioned REST API (``/2025-09/...``: sites, contacts, orders, the timeline and
+webhook endpoints) with Stora's rate limits and idempotency keys, signed webhook
+delivery with retries, and an admin/test API (``/_sandbox/...``) for seeding data,
+flipping behaviour switches, injecting faults and inspecting requests, issued tokens,
+recorded timeline events and webhook attempts.
 
 It is an independent implementation of the other side of the wire: it never imports
 ``partner_app``, so a bug there shows up in tests instead of being mirrored here.
@@ -16,9 +18,13 @@ from __future__ import annotations
 from flask import Flask, Response
 
 from stora_sandbox import admin, api, hooks, oauth, seed
+
+# These add their routes to api.bp on import, which must happen before it is registered.
+from stora_sandbox import endpoints, timeline  # noqa: F401  # isort: skip
 from stora_sandbox.config import ApplicationSpec, SandboxConfig, Switches
 from stora_sandbox.faults import ConnectionDropped, DropConnectionMiddleware
 from stora_sandbox.store import Store
+from stora_sandbox.webhooks import Dispatcher
 from stora_sandbox.wire import stora_error
 
 __all__ = ["ApplicationSpec", "ConnectionDropped", "SandboxConfig", "Switches", "create_app"]
@@ -28,7 +34,9 @@ def create_app(config: SandboxConfig | None = None) -> Flask:
     """Build a sandbox app with its own empty store, then register and seed.
 
     The store is ``app.extensions["stora_sandbox"]`` and the config
-    ``app.extensions["stora_sandbox.config"]``.
+    ``app.extensions["stora_sandbox.config"]``. The webhook dispatcher is
+    ``store.dispatcher``; its thread starts on the first delivery, and whoever runs the
+    app should call ``store.dispatcher.stop()`` when done with it.
 
     Raises:
         ValueError: ``config.seed`` names an unknown seed.
@@ -39,6 +47,7 @@ def create_app(config: SandboxConfig | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     store = Store(config.switches, config.clock)
+    store.dispatcher = Dispatcher(store)
     for spec in config.applications:
         store.upsert_application(spec)
     seed.apply_seed(store, config.seed)

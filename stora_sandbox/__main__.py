@@ -13,9 +13,14 @@ by spaces or commas; ``STORA_SANDBOX_SET`` holds ``name=value`` pairs separated 
 commas. ``--set`` presets a runtime switch (see ``GET /_sandbox/config``), e.g.
 ``--set revocation_mode=immediate``. ``--port 0`` picks a free port.
 
+Rate limits are on by default (10/s and 60/min per access token, as Stora documents);
+``--set rate_limit_per_second=0 --set rate_limit_per_minute=0`` turns them off.
+
 Once listening it prints exactly one line to stdout,
 ``stora_sandbox ready on http://HOST:PORT``, and it shuts down cleanly on SIGTERM or
-SIGINT. Requests are logged to stderr without query strings, tokens or secrets.
+SIGINT: the server stops accepting requests, then the webhook dispatcher drops queued
+attempts and waits (at most 5 s) for one in flight. Requests and webhook attempts are
+logged to stderr without query strings, tokens, secrets or signatures.
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ def _coerce(name: str, raw: str, default: Any) -> Any:
         if word not in TRUE_WORDS | FALSE_WORDS:
             raise ValueError(f"{name} must be true or false")
         return word in TRUE_WORDS
+    if isinstance(default, float):
+        return float(raw)
     if isinstance(default, int):
         return int(raw)
     return raw
@@ -173,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     server.shutdown()
     thread.join(timeout=10)
+    store = app.extensions["stora_sandbox"]
+    # Wait for an attempt in flight, but never hold up shutdown for long.
+    store.dispatcher.stop(timeout=min(store.switches.webhook_timeout_s, 5.0))
     return 0
 
 

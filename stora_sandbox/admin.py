@@ -1,8 +1,29 @@
 """Blueprint for the sandbox's admin/test API under ``/_sandbox`` (JSON, no auth).
 
-Local use only: it exposes every token the sandbox ever issued. Admin requests are not
-delayed, not subject to faults and not written to the request log. Errors are
-``{"error": "<message>"}`` with 400 (bad input), 404 (unknown id) or 409 (conflict).
+Local use only: it exposes every token and webhook secret the sandbox ever issued.
+Admin requests are not delayed, not rate limited, not subject to faults and not written
+to the request log. Errors are ``{"error": "<message>"}`` with 400 (bad input), 404
+(unknown id) or 409 (conflict).
+
+What the wire side plays (details in each module's docstring):
+
+* OAuth with Doorkeeper semantics (:mod:`stora_sandbox.oauth`, :mod:`stora_sandbox.tokens`).
+* ``/2025-09`` API (:mod:`stora_sandbox.api`): sites, contacts, orders (read); timeline
+  sources, templates and events (:mod:`stora_sandbox.timeline`); webhook endpoints
+  (:mod:`stora_sandbox.endpoints`). Every ``POST`` honours ``Idempotency-Key``
+  (:mod:`stora_sandbox.idempotency`): the first response, success or error, is replayed
+  for 24 h per application, operator and key.
+* Rate limits, **on by default**: 10 requests per second and 60 per minute per access
+  token on ``/2025-09/...`` and ``GET /oauth2/token/info`` (:mod:`stora_sandbox.hooks`,
+  :mod:`stora_sandbox.ratelimit`). Fixed windows aligned to the clock: seconds
+  ``[n, n+1)``, minutes ``[60n, 60n+60)``; every request counts, throttled ones too.
+  429 ``too_many_requests`` in Stora's error envelope with ``RateLimit-Limit`` and
+  ``RateLimit-Reset`` (epoch seconds; the end of the exceeded window that ends last).
+  Turn off with ``rate_limit_per_second=0`` and ``rate_limit_per_minute=0``.
+* Webhooks (:mod:`stora_sandbox.webhooks`): creating an order through this admin API
+  emits ``order.created`` to every enabled endpoint of the operator subscribed to it,
+  from a background thread, signed ``X-Stora-Signature: t=…,v1=…``, retried after 1 min,
+  5 min, 30 min, 2 h, 5 h, 10 h (times ``webhook_time_factor``) until a 2xx.
 
 Endpoints
 ---------
@@ -23,7 +44,8 @@ Endpoints
 ``GET /_sandbox/operators`` / ``POST /_sandbox/operators``
     List operators, or create one: ``{"name", "subdomain"?, "sites"?, "contacts"?,
     "orders"?}`` (counts default to 0; orders get a site if there is none). 201 with
-    ``{"id", "name", "subdomain", "sites", "contacts", "orders"}`` (counts).
+    ``{"id", "name", "subdomain", "sites", "contacts", "orders"}`` (counts). Every
+    operator also gets its own timeline source ("<name> CRM").
 
 ``GET /_sandbox/operators/<id>``
     One operator with its counts.
@@ -31,11 +53,25 @@ Endpoints
 ``POST /_sandbox/operators/<id>/orders``
     Create orders now: ``{"count"?: int (default 1), "fields"?: {...}}``; ``fields``
     override generated order fields in wire shape (e.g. ``"status"``, ``"metadata"``,
-    ``"created_at"``, ``"site": {"id": ...}``). 201 with ``{"orders": [...]}``.
+    ``"created_at"``, ``"site": {"id": ...}``). 201 with ``{"orders": [...]}``. Emits one
+    ``order.created`` per order, as one batch (see ``webhook_shuffle``), with the order's
+    contact and site embedded in full.
 
 ``PATCH /_sandbox/orders/<order_id>``
     Change an order: the body's fields are merged in and ``updated_at`` becomes now
     unless given. 200 with ``{"order": {...}}``. Drives ``updated_after`` sync tests.
+
+``POST /_sandbox/operators/<id>/events``
+    Emit any documented event type: ``{"type": "contact.updated", "data"?: {...}}``.
+    ``data`` is the envelope's ``event.data`` verbatim (e.g. ``{"contact": {...}}``);
+    without it the operator's latest order (expanded) or contact is used for ``order.*``
+    and ``contact.*``, else a stub ``{id, created_at, updated_at}``. 201 with
+    ``{"event": {...}, "deliveries": [delivery ids queued]}``.
+
+``GET /_sandbox/operators/<id>/timeline_events``
+    Every timeline event recorded for the operator, oldest first, in wire shape plus
+    ``"sandbox": {"client_id", "message"}`` (the template message with variables
+    filled in, as the account-wide timeline would read). ``{"timeline_events": [...]}``.
 
 ``POST /_sandbox/operators/<id>/expire_access_tokens``
     Expire the operator's live access tokens now (refresh tokens stay valid), so the next
@@ -45,12 +81,38 @@ Endpoints
     Revoke all of the operator's tokens and unused codes, as when the operator
     disconnects the app in BackOffice. ``{"revoked": n}``.
 
+``GET /_sandbox/webhook_endpoints[?operator_id=<id>]``
+    Every webhook endpoint in creation order, wire shape **with** its ``secret`` (for
+    secret-canary tests) plus ``"sandbox": {"operator_id", "client_id",
+    "consecutive_failures"}``. ``{"webhook_endpoints": [...]}``.
+
+``GET /_sandbox/webhook_deliveries[?endpoint_id=<id>][&event_id=<id>]``
+    ``{"deliveries": [...], "pending": [...]}``. ``deliveries`` is the attempt log,
+    oldest first: ``{"seq", "delivery_id", "event_id", "event_type", "endpoint_id",
+    "operator_id", "attempt" (1 = first delivery), "duplicate", "at" (sandbox clock),
+    "url", "request_id" (the ``X-Stora-Request-Id`` sent), "signature_t", "status_code"
+    (null without an HTTP answer), "error" (timeout/connection error, or
+    ``endpoint_disabled``/``endpoint_missing`` when ``skipped``), "ok", "skipped",
+    "duration_ms", "next_attempt_in_s" (null when no retry follows), "gave_up",
+    "endpoint_disabled" (this failure auto-disabled it)}``. ``pending`` lists queued
+    attempts with ``due_in_s``. Never a secret or signature.
+
+``POST /_sandbox/webhook_deliveries/flush``
+    Make every queued attempt due now, ignoring backoff, and wait until each has been
+    made once (retries they schedule stay queued; call again to push those through).
+    Body ``{"timeout_s"?: number (default 30)}``. ``{"flushed": n, "pending": m}``.
+
 ``GET /_sandbox/requests?since=<seq>`` / ``DELETE /_sandbox/requests``
     The request log after sequence number ``since`` (default 0): ``{"requests": [{"seq",
-    "at" (epoch float, sandbox clock), "method", "path" (no query string), "status" (null
-    when the connection was dropped), "duration_ms", "endpoint", "client_id",
-    "operator_id", "grant_type", "request_id", "fault_id", "dropped"}]}``. DELETE empties
-    it; sequence numbers keep increasing.
+    "at" (epoch float, sandbox clock; for limited endpoints the instant the limiter
+    decided on), "method", "path" (no query string), "status" (null when the connection
+    was dropped), "duration_ms", "endpoint", "client_id", "operator_id", "grant_type",
+    "request_id", "fault_id", "dropped", "throttled" (429 from the limiter, not a fault),
+    "rate_limit_key" (``token:<row id>``, ``operator:<id>``, ``application:<client id>``,
+    ``client:<client id>``, ``token:unknown`` or ``token:none``; null when not limited),
+    "idempotency_key", "idempotent_replay"}]}``. Throttled requests are logged like any
+    other, so a test can count 429s and re-check every window from ``at`` and
+    ``rate_limit_key`` alone. DELETE empties it; sequence numbers keep increasing.
 
 ``GET /_sandbox/tokens[?operator_id=<id>]``
     Every authorization code, access token and refresh token issued, for secret-canary
@@ -59,28 +121,41 @@ Endpoints
     "created_at", "expires_at", "row_id"?}]}``.
 
 ``GET /_sandbox/config`` / ``PATCH /_sandbox/config``
-    Read or change the runtime switches (see :class:`stora_sandbox.config.Switches`):
-    ``access_token_ttl``, ``code_ttl``, ``revocation_mode`` (``on_use``|``immediate``),
-    ``force_pkce``, ``pkce_methods``, ``token_info_operator_id``,
-    ``token_info_expires_in`` (``absolute``|``remaining``),
-    ``omit_refresh_token_on_refresh``, ``omit_expires_in``, ``latency_ms``,
-    ``default_scopes``, ``page_overflow`` (``empty``|``error``), ``rate_limit_per_second``,
-    ``rate_limit_per_minute`` (0 = off, the default; Stora documents 10 and 60),
-    ``rate_limit_key`` (``token``|``operator``|``application``), ``rate_limit_retry_after``.
-    PATCH answers the full new config; unknown keys or bad values give 400 and change
-    nothing.
+    Read or change the runtime switches (documented one by one on
+    :class:`stora_sandbox.config.Switches`). PATCH answers the full new config; unknown
+    keys or bad values give 400 and change nothing. OAuth: ``access_token_ttl``,
+    ``code_ttl``, ``revocation_mode`` (``on_use``|``immediate``), ``force_pkce``,
+    ``pkce_methods``, ``token_info_operator_id``, ``token_info_expires_in``
+    (``absolute``|``remaining``), ``omit_refresh_token_on_refresh``,
+    ``omit_expires_in``, ``default_scopes``. API: ``latency_ms``, ``page_overflow``
+    (``empty``|``error``), ``reject_unknown_fields`` (true). Rate limits:
+    ``rate_limit_per_second`` (10), ``rate_limit_per_minute`` (60), ``rate_limit_key``
+    (``token``|``operator``|``application``), ``rate_limit_window``
+    (``fixed``|``sliding``), ``rate_limit_retry_after`` (false),
+    ``rate_limit_headers_on_success`` (false), ``rate_limit_token_endpoint`` (false).
+    Idempotency: ``idempotency_ttl`` (86400), ``idempotency_key_reuse``
+    (``replay``|``reject``). Webhooks: ``allow_http_loopback_webhooks`` (true),
+    ``webhook_enable_endpoint`` (false), ``webhook_time_factor`` (1.0),
+    ``webhook_timeout_s`` (10.0), ``webhook_max_retries`` (6),
+    ``webhook_resign_retries`` (true), ``webhook_duplicate_rate`` (0.0),
+    ``webhook_shuffle`` (false), ``webhook_auto_disable_after`` (0 = never).
 
 ``GET /_sandbox/faults`` / ``POST /_sandbox/faults`` / ``DELETE /_sandbox/faults``
     List, queue or clear faults. POST body: ``{"endpoint": "authorize"|"token"|
     "token_info"|"introspect"|"revoke"|"api", "status"?, "body"?, "headers"?,
     "latency_ms"?, "latency_after_commit_ms"?, "mode"?: "drop_after_commit"|
     "drop_before_commit"|"malformed_json", "count"?: int (default 1, -1 = forever),
-    "grant_type"?}``. Semantics in :mod:`stora_sandbox.faults`. 201 with the fault.
+    "grant_type"?, "stored"?: bool}``. Semantics in :mod:`stora_sandbox.faults`
+    (``stored`` keeps an injected error under the request's ``Idempotency-Key``). A
+    throttled request consumes no fault. 201 with the fault.
 
 ``POST /_sandbox/reset``
-    Wipe operators, records, codes, tokens, the request log and faults, and restore the
-    start-up switches; applications stay. Body ``{"seed"?: "demo"|null}`` chooses what
-    to load afterwards (default: the start-up seed). ``{"operators": [...]}``.
+    Wipe operators, records, timeline events, webhook endpoints, stored idempotent
+    responses, codes, tokens, rate counters, the request log and faults; drop queued
+    webhook attempts and the attempt log; restore the start-up switches; applications
+    stay. Body ``{"seed"?: "demo"|null}`` chooses what to load afterwards (default: the
+    start-up seed); the global timeline source and templates are always loaded.
+    ``{"operators": [...]}``.
 """
 
 from __future__ import annotations
@@ -92,8 +167,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from stora_sandbox import faults, seed
-from stora_sandbox.config import STORA_SCOPES, ApplicationSpec, SandboxConfig
+from stora_sandbox import faults, seed, timeline, webhooks
+from stora_sandbox.config import EVENT_TYPES, STORA_SCOPES, ApplicationSpec, SandboxConfig
+from stora_sandbox.endpoints import public_view
 from stora_sandbox.models import Operator
 from stora_sandbox.store import Store
 
@@ -250,6 +326,7 @@ def create_operator() -> tuple[Response, int]:
     now = datetime.fromtimestamp(store.now(), UTC)
     start = now - timedelta(days=365)
     factory.populate(**counts, start=start, end=now)
+    # A brand-new operator has no webhook endpoints, so these orders emit no events.
     return jsonify(store.operator_summary(operator)), 201
 
 
@@ -291,7 +368,23 @@ def create_orders(operator_id: str) -> tuple[Response, int]:
         except (ValueError, KeyError, TypeError) as exc:
             raise AdminError(f"bad order fields: {exc}") from None
         created.append(order.data)
+    _emit(
+        store,
+        operator,
+        [
+            ("order.created", {"order": webhooks.expanded_order(store, data, operator.id)})
+            for data in created
+        ],
+    )
     return jsonify({"orders": created}), 201
+
+
+def _emit(
+    store: Store, operator: Operator, events: list[tuple[str, dict[str, Any]]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Emit events to the operator's subscribed endpoints (never under the store lock)."""
+    dispatcher: webhooks.Dispatcher = store.dispatcher
+    return dispatcher.emit(operator, events)
 
 
 @bp.patch("/orders/<order_id>")
@@ -313,6 +406,45 @@ def update_order(order_id: str) -> Response:
         # Replace rather than mutate: a concurrent API response may be serialising it.
         order.data, order.created_at, order.updated_at = data, created_at, updated_at
     return jsonify({"order": data})
+
+
+@bp.get("/operators/<operator_id>/timeline_events")
+def list_timeline_events(operator_id: str) -> Response:
+    operator = _operator(operator_id)
+    store = _store()
+    events = sorted(store.list_resources("timeline_event", operator.id), key=lambda r: r.seq)
+    items = [
+        {
+            **event.data,
+            "sandbox": {
+                "client_id": event.client_id,
+                "message": timeline.render_message(store, event),
+            },
+        }
+        for event in events
+    ]
+    return jsonify({"timeline_events": items})
+
+
+@bp.post("/operators/<operator_id>/events")
+def emit_event(operator_id: str) -> tuple[Response, int]:
+    operator = _operator(operator_id)
+    body = _body()
+    event_type = body.get("type")
+    if event_type not in EVENT_TYPES:
+        raise AdminError(f"type must be one of: {', '.join(EVENT_TYPES)}")
+    store = _store()
+    if "data" in body:
+        data = body["data"]
+        if not isinstance(data, dict):
+            raise AdminError("data must be an object")
+    else:
+        try:
+            data = webhooks.default_data(store, operator, event_type)
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
+    (event,), queued = _emit(store, operator, [(event_type, data)])
+    return jsonify({"event": event, "deliveries": queued}), 201
 
 
 @bp.post("/operators/<operator_id>/expire_access_tokens")
@@ -343,6 +475,48 @@ def list_requests() -> Response:
 def clear_requests() -> Response:
     _store().clear_requests()
     return jsonify({})
+
+
+@bp.get("/webhook_endpoints")
+def list_webhook_endpoints() -> Response:
+    store = _store()
+    operator_id = request.args.get("operator_id") or None
+    items = [
+        {
+            **public_view(endpoint, with_secret=True),
+            "sandbox": {
+                "operator_id": endpoint.operator_id,
+                "client_id": endpoint.client_id,
+                "consecutive_failures": endpoint.consecutive_failures,
+            },
+        }
+        for endpoint in store.list_webhook_endpoints(operator_id)
+    ]
+    return jsonify({"webhook_endpoints": items})
+
+
+@bp.get("/webhook_deliveries")
+def list_webhook_deliveries() -> Response:
+    dispatcher: webhooks.Dispatcher = _store().dispatcher
+    endpoint_id = request.args.get("endpoint_id") or None
+    event_id = request.args.get("event_id") or None
+    pending = [
+        d
+        for d in dispatcher.pending()
+        if (endpoint_id is None or d["endpoint_id"] == endpoint_id)
+        and (event_id is None or d["event_id"] == event_id)
+    ]
+    return jsonify({"deliveries": dispatcher.attempts(endpoint_id, event_id), "pending": pending})
+
+
+@bp.post("/webhook_deliveries/flush")
+def flush_webhook_deliveries() -> Response:
+    body = _body()
+    timeout = body.get("timeout_s", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        raise AdminError("timeout_s must be a number between 0 and 600")
+    dispatcher: webhooks.Dispatcher = _store().dispatcher
+    return jsonify(dispatcher.flush(float(timeout)))
 
 
 @bp.get("/tokens")
@@ -398,6 +572,7 @@ def reset() -> Response:
     if seed_name is not None and seed_name not in seed.SEEDS:
         raise AdminError(f"unknown seed {seed_name!r}")
     store = _store()
+    store.dispatcher.clear()
     with store.lock:
         store.reset()
         seed.apply_seed(store, seed_name)

@@ -1,7 +1,9 @@
-"""Blueprint for the versioned REST API under ``/2025-09`` (read-only subset).
+"""Blueprint for the versioned REST API under ``/2025-09``, and the helpers its routes share.
 
-Routes: ``GET /sites``, ``/sites/<id>``, ``/contacts``, ``/contacts/<id>``, ``/orders``,
-``/orders/<id>``, scoped to the operator of the bearer token.
+Routes here: ``GET /sites``, ``/sites/<id>``, ``/contacts``, ``/contacts/<id>``,
+``/orders``, ``/orders/<id>``, scoped to the operator of the bearer token. The timeline
+routes (:mod:`stora_sandbox.timeline`) and the webhook endpoint routes
+(:mod:`stora_sandbox.endpoints`) are added to the same blueprint.
 
 Contract (shared/stora-api/api-conventions.md):
 
@@ -11,6 +13,10 @@ Contract (shared/stora-api/api-conventions.md):
   also when the scope check then fails.
 * Missing scope gives 403 ``forbidden``; an unknown id (or another operator's) gives 404
   ``resource_not_found``; an unknown route gives 404 ``invalid_endpoint``.
+* Write bodies must be JSON objects (``Content-Type: application/json``); anything else
+  is 400 ``invalid_request``. Field problems are 422 ``invalid_content`` with one
+  ``details`` item ``{"message", "pointer"}`` per problem (JSON pointer into the body).
+* Every ``POST`` honours ``Idempotency-Key`` (see :mod:`stora_sandbox.idempotency`).
 * Lists: ``page`` ≥ 1, ``limit`` 1 to 100 (default 50), ``sort_by`` ``created_at`` |
   ``updated_at``, ``sort_direction`` ``ASC`` | ``DESC`` (default ``created_at DESC``),
   ``created_after`` / ``updated_after`` (inclusive) and ``created_before`` /
@@ -31,7 +37,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from stora_sandbox import tokens
-from stora_sandbox.models import Operator, Resource, TokenRow
+from stora_sandbox.models import Operator, TokenRow
 from stora_sandbox.store import Store
 from stora_sandbox.wire import bearer_token, request_id, stora_error
 
@@ -49,26 +55,34 @@ MAX_LIMIT = 100
 
 
 class ApiError(Exception):
-    """Abort the request with a Stora error envelope."""
+    """Abort the request with a Stora error envelope (``details`` for invalid_content)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self, code: str, message: str, details: list[dict[str, str]] | None = None
+    ) -> None:
         super().__init__(code)
         self.code = code
         self.message = message
+        self.details = details
 
 
 @bp.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Response:
-    return stora_error(exc.code, exc.message)
+    return stora_error(exc.code, exc.message, details=exc.details)
 
 
-def _store() -> Store:
+def get_store() -> Store:
+    """The current app's store."""
     store: Store = current_app.extensions["stora_sandbox"]
     return store
 
 
-def _authorize(store: Store, scope: str) -> TokenRow:
-    """Authenticate the bearer token (a Doorkeeper "use") and check ``scope``."""
+def authorize(store: Store, scope: str) -> TokenRow:
+    """Authenticate the bearer token (a Doorkeeper "use") and require ``scope``.
+
+    Raises:
+        ApiError: ``invalid_token`` (401) or ``forbidden`` (403).
+    """
     row = tokens.authenticate_access_token(store, bearer_token())
     if row is None:
         raise ApiError("invalid_token", "The access token is invalid, expired or revoked.")
@@ -98,7 +112,8 @@ def curies(operator: Operator | None) -> list[dict[str, Any]]:
     ]
 
 
-def _meta(store: Store, row: TokenRow) -> dict[str, Any]:
+def meta(store: Store, row: TokenRow) -> dict[str, Any]:
+    """``meta`` of a response: request id and the operator's curies."""
     return {"request_id": request_id(), "curies": curies(store.get_operator(row.operator_id))}
 
 
@@ -138,7 +153,7 @@ def _choice_param(name: str, allowed: tuple[str, ...], default: str) -> str:
     return value
 
 
-Filter = Callable[[Resource], bool]
+Filter = Callable[[Any], bool]
 
 
 def _filters(kind: str) -> list[Filter]:
@@ -182,38 +197,102 @@ def paginate(count: int, page: int, limit: int) -> dict[str, Any]:
     }
 
 
+# -- request bodies -------------------------------------------------------------------
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object; an empty body is ``{}``.
+
+    Raises:
+        ApiError: ``invalid_request`` (400) for a non-JSON content type, unparsable
+            JSON or a JSON value that is not an object.
+    """
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    if not request.is_json:
+        raise ApiError("invalid_request", "The request body must be JSON (application/json).")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "The request body must be a JSON object.")
+    return body
+
+
+class Problems:
+    """Collects ``invalid_content`` details; :meth:`raise_if_any` raises them together."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, str]] = []
+
+    def add(self, pointer: str, problem: str) -> None:
+        """Record ``value at `<pointer>` <problem>``."""
+        self.details.append({"message": f"value at `{pointer}` {problem}", "pointer": pointer})
+
+    def unknown_fields(self, body: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
+        """Flag keys outside ``allowed`` when the ``reject_unknown_fields`` switch is on."""
+        if not get_store().switches.reject_unknown_fields:
+            return
+        for key in body:
+            if key not in allowed:
+                self.add(f"{prefix}/{key}", "is not a permitted property")
+
+    def raise_if_any(self) -> None:
+        if self.details:
+            raise ApiError(
+                "invalid_content", "The request body content is not valid.", self.details
+            )
+
+
 # -- views ----------------------------------------------------------------------------
 
 
-def _list(kind: str) -> Response:
-    store = _store()
-    row = _authorize(store, SCOPES[kind])
+def list_response(
+    store: Store,
+    row: TokenRow,
+    records: list[Any],
+    plural: str,
+    *,
+    kind: str = "",
+    sort_fields: tuple[str, ...] = ("created_at", "updated_at"),
+    extra: list[Filter] | None = None,
+    render: Callable[[Any], dict[str, Any]] = lambda r: r.data,
+) -> Response:
+    """Filter, sort and paginate ``records`` per the query string; answer the envelope.
+
+    ``records`` carry ``created_at``/``updated_at`` datetimes, ``seq`` and ``data``.
+    ``kind`` selects kind-specific filters; ``extra`` adds predicates.
+    """
     page = _int_param("page", 1, 1, None)
     limit = _int_param("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    sort_by = _choice_param("sort_by", ("created_at", "updated_at"), "created_at")
+    sort_by = _choice_param("sort_by", sort_fields, "created_at")
     direction = _choice_param("sort_direction", ("ASC", "DESC"), "DESC")
-    predicates = _filters(kind)
-    records = [
-        r for r in store.list_resources(kind, row.operator_id) if all(p(r) for p in predicates)
-    ]
+    predicates = _filters(kind) + (extra or [])
+    chosen = [r for r in records if all(p(r) for p in predicates)]
     # seq breaks ties so records sharing a timestamp keep a stable order across pages.
-    records.sort(key=lambda r: (getattr(r, sort_by), r.seq), reverse=direction == "DESC")
-    pagination = paginate(len(records), page, limit)
+    chosen.sort(key=lambda r: (getattr(r, sort_by), r.seq), reverse=direction == "DESC")
+    pagination = paginate(len(chosen), page, limit)
     if page > pagination["last"] and store.switches.page_overflow == "error":
         raise ApiError("invalid_url_param", f"page must be between 1 and {pagination['last']}.")
-    window = records[(page - 1) * limit : page * limit]
-    meta = _meta(store, row)
-    meta["pagination"] = pagination
-    return jsonify({PLURALS[kind]: [r.data for r in window], "meta": meta})
+    window = chosen[(page - 1) * limit : page * limit]
+    body_meta = meta(store, row)
+    body_meta["pagination"] = pagination
+    return jsonify({plural: [render(r) for r in window], "meta": body_meta})
+
+
+def _list(kind: str) -> Response:
+    store = get_store()
+    row = authorize(store, SCOPES[kind])
+    records = store.list_resources(kind, row.operator_id)
+    return list_response(store, row, records, PLURALS[kind], kind=kind)
 
 
 def _show(kind: str, resource_id: str) -> Response:
-    store = _store()
-    row = _authorize(store, SCOPES[kind])
+    store = get_store()
+    row = authorize(store, SCOPES[kind])
     resource = store.get_resource(kind, row.operator_id, resource_id)
     if resource is None:
         raise ApiError("resource_not_found", f"No {kind} found with id {resource_id}.")
-    return jsonify({kind: resource.data, "meta": _meta(store, row)})
+    return jsonify({kind: resource.data, "meta": meta(store, row)})
 
 
 @bp.get("/sites")

@@ -8,6 +8,9 @@ and, for the token endpoint, optionally by ``grant_type``. What it does, in orde
    is *not* processed.
 3. ``status`` and/or ``body`` (without a ``mode``): answer with them instead of
    processing the request (status defaults to 500, the body to a plausible error).
+   Such an answer is not stored under the request's ``Idempotency-Key`` unless the
+   fault has ``"stored": true``, which plays "the application failed and Stora stored
+   the error" (a retry with the same key then gets it again).
 4. Otherwise the request is processed normally (tokens issued, rotated, "used"), then:
    ``latency_after_commit_ms`` sleeps; ``mode="drop_after_commit"`` closes the connection
    without a response; ``mode="malformed_json"`` replaces the body with truncated JSON
@@ -83,6 +86,7 @@ def parse_fault(body: Any) -> dict[str, Any]:
         "mode",
         "count",
         "grant_type",
+        "stored",
     }
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -111,6 +115,9 @@ def parse_fault(body: Any) -> dict[str, Any]:
     grant_type = body.get("grant_type")
     if grant_type is not None and not isinstance(grant_type, str):
         raise ValueError("grant_type must be a string")
+    stored = body.get("stored", False)
+    if type(stored) is not bool:
+        raise ValueError("stored must be a boolean")
     return {
         "endpoint": endpoint,
         "status": status,
@@ -119,6 +126,7 @@ def parse_fault(body: Any) -> dict[str, Any]:
         "mode": mode,
         "remaining": count,
         "grant_type": grant_type,
+        "stored": stored,
         **latencies,
     }
 

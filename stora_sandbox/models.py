@@ -43,20 +43,61 @@ class Operator:
 
 @dataclass
 class Resource:
-    """One API record (site, contact or order) in its wire shape.
+    """One API record in its wire shape: a site, contact, order, timeline source,
+    timeline template or timeline event.
 
     ``data`` is exactly what the API returns. ``created_at``/``updated_at`` duplicate the
     ISO strings inside ``data`` as datetimes for filtering and sorting, and ``seq`` is the
     insertion order, used as the sort tie-breaker so pagination is stable.
+    ``operator_id`` is None for global records (timeline sources and templates every
+    operator sees). ``client_id`` names the OAuth application that created the record
+    through the API, if one did.
     """
 
     kind: str
     id: str
-    operator_id: str
+    operator_id: str | None
     created_at: datetime
     updated_at: datetime
     seq: int
     data: dict[str, Any]
+    client_id: str | None = None
+
+
+@dataclass
+class WebhookEndpoint:
+    """A webhook endpoint of one operator.
+
+    ``data`` is the wire shape with ``secret`` always None (Stora returns the secret only
+    in the create response); the secret itself is kept apart in ``secret``.
+    ``created_at``/``updated_at`` mirror ``data`` as datetimes. ``consecutive_failures``
+    counts failed delivery attempts since the last success.
+    """
+
+    id: str
+    operator_id: str
+    client_id: str | None
+    secret: str
+    created_at: datetime
+    updated_at: datetime
+    seq: int
+    data: dict[str, Any]
+    consecutive_failures: int = 0
+
+
+@dataclass
+class IdempotencyEntry:
+    """A stored response for one ``Idempotency-Key`` of one application and operator.
+
+    ``status`` is None while the first request is still being processed.
+    ``fingerprint`` identifies the request (method, path, body digest).
+    """
+
+    fingerprint: str
+    created_at: float
+    status: int | None = None
+    body: bytes = b""
+    mimetype: str = "application/json"
 
 
 @dataclass
@@ -132,6 +173,7 @@ class Fault:
     mode: str | None = None
     remaining: int = 1
     grant_type: str | None = None
+    stored: bool = False
     hits: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -146,5 +188,6 @@ class Fault:
             "mode": self.mode,
             "count": self.remaining,
             "grant_type": self.grant_type,
+            "stored": self.stored,
             "hits": self.hits,
         }

@@ -1,8 +1,14 @@
-"""Generated operators, sites, contacts and orders in Stora's wire shapes.
+"""Generated operators, sites, contacts, orders and timeline records in Stora's wire shapes.
 
 :class:`RecordFactory` builds records for one operator from a ``random.Random``, so the
 same seed always yields the same ids, names and timestamps. ``seed_demo`` creates the
 three demo operators with enough orders for several pages at the default page size.
+
+Timeline records exist whatever the seed: the global source "Partner platform" and the
+global templates in :data:`GLOBAL_TEMPLATES` (created by :func:`apply_seed`, also for
+an empty sandbox), and one source of its own per operator (created with the operator).
+Their ids are derived from fixed labels (:func:`stable_id`), so they are the same in
+every run and after every reset.
 
 Shapes follow shared/stora-api/resources.md and examples/orders-list-response.json;
 related records appear as ``{"id": ...}`` stubs, as in unexpanded Stora responses.
@@ -10,6 +16,7 @@ related records appear as ``{"id": ...}`` stubs, as in unexpanded Stora response
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -93,6 +100,32 @@ MARKETING_SOURCES = ("google_search", "recommendation", "used_before", "social_m
 USE_CASES = ("moving_home", "more_space", "business_needs", "refurb", "travelling", None)
 ORDER_STATUSES = ("draft", "finalized", "completed", "completed", "cancelled")
 UNIT_PRICES = (4500, 5999, 7500, 9900, 12900, 15500)
+
+TIMELINE_EPOCH = datetime(2025, 1, 1, 9, 0, tzinfo=UTC)
+GLOBAL_SOURCE = ("Partner platform", "https://partner.example.com")
+# (name, message, custom variables, predefined variables); messages use the Liquid-style
+# syntax of the docs' example (shared/stora-api/timeline.md §2).
+GLOBAL_TEMPLATES = (
+    (
+        "Synced orders",
+        "synced {{ order_count }} orders{% if global_context %} for {{ site }}{% endif %}.",
+        ["order_count"],
+        ["site"],
+    ),
+    ("Connected", "connected {{ app_name }} to Stora.", ["app_name"], []),
+    (
+        "Action performed",
+        "{{ action_name }}{% if global_context %} for {{ contact }}{% endif %}.",
+        ["action_name"],
+        ["contact"],
+    ),
+    (
+        "Sent campaign",
+        "sent campaign '{{ campaign_name }}'{% if global_context %} for {{ contact }}{% endif %}.",
+        ["campaign_name"],
+        ["contact"],
+    ),
+)
 
 
 def iso(moment: datetime) -> str:
@@ -283,6 +316,82 @@ class RecordFactory:
             )
 
 
+def stable_id(prefix: str, label: str) -> str:
+    """``prefix`` plus 16 hex digits derived from ``label``: the same in every run."""
+    return f"{prefix}{hashlib.sha256(f'stora_sandbox {label}'.encode()).hexdigest()[:16]}"
+
+
+def application_public_id(client_id: str) -> str:
+    """The ``app_…`` id Stora shows as ``creator.id`` for records an OAuth app created."""
+    return stable_id("app_", f"application {client_id}")
+
+
+def _timeline_record(
+    store: Store, kind: str, operator_id: str | None, data: dict[str, Any]
+) -> Resource:
+    resource = Resource(
+        kind=kind,
+        id=data["id"],
+        operator_id=operator_id,
+        created_at=parse_time(data["created_at"]),
+        updated_at=parse_time(data["updated_at"]),
+        seq=store.next_resource_seq(),
+        data=data,
+    )
+    store.add_resource(resource)
+    return resource
+
+
+def timeline_source_data(
+    source_id: str, name: str, website_url: str, *, is_global: bool, at: datetime
+) -> dict[str, Any]:
+    """A timeline source in wire shape (id first, then fields alphabetically)."""
+    return {
+        "id": source_id,
+        "created_at": iso(at),
+        "global": is_global,
+        "name": name,
+        "updated_at": iso(at),
+        "website_url": website_url,
+    }
+
+
+def seed_timeline_globals(store: Store) -> None:
+    """The global timeline source and templates every operator sees."""
+    name, url = GLOBAL_SOURCE
+    source_id = stable_id("tsrc_", f"global source {name}")
+    _timeline_record(
+        store,
+        "timeline_source",
+        None,
+        timeline_source_data(source_id, name, url, is_global=True, at=TIMELINE_EPOCH),
+    )
+    for index, (template_name, message, custom, predefined) in enumerate(GLOBAL_TEMPLATES):
+        at = TIMELINE_EPOCH + timedelta(minutes=index)
+        data = {
+            "id": stable_id("aetpl_", f"global template {template_name}"),
+            "created_at": iso(at),
+            "global": True,
+            "message": message,
+            "name": template_name,
+            "updated_at": iso(at),
+            "variables": {"custom": list(custom), "predefined": list(predefined)},
+        }
+        _timeline_record(store, "timeline_template", None, data)
+
+
+def add_operator_source(store: Store, operator: Operator) -> Resource:
+    """The operator's own timeline source (``global: false``), e.g. its CRM."""
+    data = timeline_source_data(
+        stable_id("tsrc_", f"operator source {operator.id}"),
+        f"{operator.name} CRM",
+        f"https://crm.{operator.subdomain}.example.com",
+        is_global=False,
+        at=datetime.fromtimestamp(int(operator.created_at), UTC),
+    )
+    return _timeline_record(store, "timeline_source", operator.id, data)
+
+
 def parse_time(value: str) -> datetime:
     """Parse a Stora ISO 8601 timestamp (``Z`` suffix allowed) to an aware datetime."""
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -307,6 +416,7 @@ def create_operator(
         created_at=store.now() if created_at is None else created_at,
     )
     store.add_operator(operator)
+    add_operator_source(store, operator)
     return operator, RecordFactory(store, operator, city or rng.choice(CITIES), rng)
 
 
@@ -331,13 +441,13 @@ def seed_demo(store: Store) -> list[Operator]:
 
 
 def apply_seed(store: Store, seed: str | None) -> None:
-    """Load the named seed into ``store`` (None loads nothing).
+    """Load the global timeline records, then the named seed (None: nothing more).
 
     Raises:
-        ValueError: unknown seed name.
+        ValueError: unknown seed name (checked before anything is loaded).
     """
-    if seed is None:
-        return
-    if seed not in SEEDS:
+    if seed is not None and seed not in SEEDS:
         raise ValueError(f"unknown seed {seed!r}; known: {', '.join(SEEDS)}")
-    seed_demo(store)
+    seed_timeline_globals(store)
+    if seed is not None:
+        seed_demo(store)

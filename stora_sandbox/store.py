@@ -17,10 +17,24 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from stora_sandbox.config import STORA_SCOPES, ApplicationSpec, Switches
-from stora_sandbox.models import Application, Fault, Grant, Operator, Resource, TokenRow
-from stora_sandbox.ratelimit import FixedWindowLimiter
+from stora_sandbox.models import (
+    Application,
+    Fault,
+    Grant,
+    IdempotencyEntry,
+    Operator,
+    Resource,
+    TokenRow,
+    WebhookEndpoint,
+)
+from stora_sandbox.ratelimit import RateLimiter
 
-RESOURCE_KINDS = ("site", "contact", "order")
+# Kinds of :class:`Resource`; the first three are counted in operator summaries.
+SUMMARY_KINDS = ("site", "contact", "order")
+RESOURCE_KINDS = (*SUMMARY_KINDS, "timeline_source", "timeline_template", "timeline_event")
+
+# (client_id, operator_id, Idempotency-Key value)
+IdempotencyIdentity = tuple[str, str, str]
 
 
 def new_token() -> str:
@@ -29,8 +43,12 @@ def new_token() -> str:
 
 
 class Store:
-    """All sandbox state: applications, operators, API records, grants, tokens, the
-    request log, queued faults and the current switches.
+    """All sandbox state: applications, operators, API records, webhook endpoints,
+    grants, tokens, stored idempotent responses, the request log, queued faults, rate
+    counters and the current switches.
+
+    ``dispatcher`` (set by :func:`stora_sandbox.create_app`) delivers webhooks; its
+    state is separate and cleared by the admin reset.
     """
 
     def __init__(self, switches: Switches, clock: Callable[[], float]) -> None:
@@ -39,6 +57,7 @@ class Store:
         self.initial_switches = switches
         self.switches = switches
         self.applications: dict[str, Application] = {}
+        self.dispatcher: Any = None
         self._wipe()
 
     def _wipe(self) -> None:
@@ -46,6 +65,8 @@ class Store:
         self.switches = self.initial_switches
         self.operators: dict[str, Operator] = {}
         self.resources: dict[str, dict[str, Resource]] = {k: {} for k in RESOURCE_KINDS}
+        self.webhook_endpoints: dict[str, WebhookEndpoint] = {}
+        self.idempotency: dict[IdempotencyIdentity, IdempotencyEntry] = {}
         self.grants: dict[str, Grant] = {}
         self.token_rows: dict[int, TokenRow] = {}
         self.access_index: dict[str, int] = {}
@@ -56,7 +77,7 @@ class Store:
         self._row_ids = itertools.count(1)
         self._request_seq = itertools.count(1)
         self._fault_ids = itertools.count(1)
-        self.rate_limiter = FixedWindowLimiter()
+        self.rate_limiter = RateLimiter()
 
     def now(self) -> float:
         return self.clock()
@@ -118,7 +139,7 @@ class Store:
                 f"{kind}s": sum(
                     1 for r in self.resources[kind].values() if r.operator_id == operator.id
                 )
-                for kind in RESOURCE_KINDS
+                for kind in SUMMARY_KINDS
             }
         return {"id": operator.id, "name": operator.name, "subdomain": operator.subdomain, **counts}
 
@@ -141,6 +162,90 @@ class Store:
     def list_resources(self, kind: str, operator_id: str) -> list[Resource]:
         with self.lock:
             return [r for r in self.resources[kind].values() if r.operator_id == operator_id]
+
+    def get_visible(self, kind: str, operator_id: str, resource_id: str) -> Resource | None:
+        """The record if it is global or belongs to this operator, else None."""
+        with self.lock:
+            found = self.resources[kind].get(resource_id)
+        if found is None or found.operator_id not in (None, operator_id):
+            return None
+        return found
+
+    def list_visible(self, kind: str, operator_id: str) -> list[Resource]:
+        """Global records of ``kind`` plus the operator's own."""
+        with self.lock:
+            return [
+                r for r in self.resources[kind].values() if r.operator_id in (None, operator_id)
+            ]
+
+    # -- webhook endpoints ------------------------------------------------------------
+
+    def add_webhook_endpoint(self, endpoint: WebhookEndpoint) -> None:
+        with self.lock:
+            self.webhook_endpoints[endpoint.id] = endpoint
+
+    def get_webhook_endpoint(
+        self, endpoint_id: str, operator_id: str | None = None
+    ) -> WebhookEndpoint | None:
+        """The endpoint, or None if unknown or (given ``operator_id``) another's."""
+        with self.lock:
+            found = self.webhook_endpoints.get(endpoint_id)
+        if found is None or (operator_id is not None and found.operator_id != operator_id):
+            return None
+        return found
+
+    def list_webhook_endpoints(self, operator_id: str | None = None) -> list[WebhookEndpoint]:
+        """Endpoints in creation order, optionally of one operator only."""
+        with self.lock:
+            found = [
+                e
+                for e in self.webhook_endpoints.values()
+                if operator_id is None or e.operator_id == operator_id
+            ]
+        return sorted(found, key=lambda e: e.seq)
+
+    # -- idempotency ------------------------------------------------------------------
+
+    def idempotency_begin(
+        self, identity: IdempotencyIdentity, fingerprint: str
+    ) -> tuple[str, IdempotencyEntry | None]:
+        """Claim ``identity`` for a new request, or say why not.
+
+        Returns ``("proceed", None)`` after marking the key as in progress,
+        ``("replay", entry)`` for a stored response younger than ``idempotency_ttl``,
+        ``("in_progress", None)`` while another request with the key is running, or
+        ``("mismatch", entry)`` when the stored request had another fingerprint and the
+        ``idempotency_key_reuse`` switch says ``"reject"``.
+        """
+        with self.lock:
+            now = self.now()
+            entry = self.idempotency.get(identity)
+            if entry is not None and now - entry.created_at >= self.switches.idempotency_ttl:
+                entry = None
+            if entry is None:
+                self.idempotency[identity] = IdempotencyEntry(fingerprint, now)
+                return "proceed", None
+            if entry.status is None:
+                return "in_progress", None
+            if entry.fingerprint != fingerprint and self.switches.idempotency_key_reuse == "reject":
+                return "mismatch", entry
+            return "replay", entry
+
+    def idempotency_finish(
+        self, identity: IdempotencyIdentity, status: int, body: bytes, mimetype: str
+    ) -> None:
+        """Store the response of the request that claimed ``identity``."""
+        with self.lock:
+            entry = self.idempotency.get(identity)
+            if entry is not None and entry.status is None:
+                entry.status, entry.body, entry.mimetype = status, body, mimetype
+
+    def idempotency_abandon(self, identity: IdempotencyIdentity) -> None:
+        """Release a claim whose request produced nothing to store."""
+        with self.lock:
+            entry = self.idempotency.get(identity)
+            if entry is not None and entry.status is None:
+                del self.idempotency[identity]
 
     # -- grants and token rows --------------------------------------------------------
 

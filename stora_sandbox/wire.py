@@ -57,17 +57,26 @@ def request_id() -> str:
     return str(g.request_id)
 
 
-def stora_error_body(code: str, message: str) -> dict[str, Any]:
-    """Stora's error envelope for ``code`` with the current request id."""
-    return {
-        "error": {
-            "code": code,
+def stora_error_body(
+    code: str, message: str, details: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """Stora's error envelope for ``code`` with the current request id.
+
+    ``details`` (``[{"message", "pointer"}]``, JSON pointers into the request body) is
+    included when given, as in Stora's ``invalid_content`` example.
+    """
+    error: dict[str, Any] = {"code": code}
+    if details is not None:
+        error["details"] = details
+    error.update(
+        {
             "links": ERROR_LINKS,
             "message": message,
             "request_id": request_id(),
             "type": STORA_ERRORS[code][1],
         }
-    }
+    )
+    return {"error": error}
 
 
 def stora_code_for_status(status: int) -> str:
@@ -85,9 +94,15 @@ def stora_code_for_status(status: int) -> str:
     return by_status.get(status, "internal_server_error" if status >= 500 else "invalid_request")
 
 
-def stora_error(code: str, message: str, *, status: int | None = None) -> Response:
+def stora_error(
+    code: str,
+    message: str,
+    *,
+    status: int | None = None,
+    details: list[dict[str, str]] | None = None,
+) -> Response:
     """A Stora error envelope response for ``code`` (status defaults to the code's)."""
-    response = jsonify(stora_error_body(code, message))
+    response = jsonify(stora_error_body(code, message, details))
     response.status_code = status or STORA_ERRORS[code][0]
     if code == "invalid_token":
         response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'

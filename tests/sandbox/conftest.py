@@ -1,5 +1,8 @@
 """Fixtures for the sandbox's own tests: an in-process app with a controllable clock.
 
+Each app's webhook dispatcher is stopped when its test ends, so no delivery thread
+outlives the test that started it.
+
 Fixture names avoid the root conftest's (``app``, ``client``, ``sandbox``), which build
 the partner app; these tests only ever talk to ``stora_sandbox``. Helpers live in
 ``tests/sandbox/support.py``.
@@ -49,6 +52,7 @@ def sandbox_app(sandbox_config: SandboxConfig) -> Iterator[Flask]:
     app = create_app(sandbox_config)
     app.testing = True
     yield app
+    app.extensions["stora_sandbox"].dispatcher.stop(timeout=5)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Helpers shared by the sandbox tests: constants, a fake clock, PKCE, and an OAuth driver.
+"""Helpers shared by the sandbox tests: constants, a fake clock, PKCE, an OAuth driver and
+a local webhook receiver.
 
 Everything here is written against the wire (HTTP requests and responses), not against
 the sandbox's internals, except where a test reads the store to check a side effect.
@@ -9,6 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,6 +30,11 @@ OTHER_CLIENT_ID = "other-client"
 OTHER_CLIENT_SECRET = "other-secret"
 OTHER_REDIRECT_URI = "https://other.example/cb"
 READ_SCOPES = "public.site:read public.contact:read public.order:read"
+TIMELINE_SCOPES = (
+    "public.timeline_source:read public.timeline_template:read public.timeline_event:write"
+)
+WEBHOOK_SCOPES = "public.webhook_endpoint:read public.webhook_endpoint:write"
+ALL_TEST_SCOPES = f"{READ_SCOPES} {TIMELINE_SCOPES} {WEBHOOK_SCOPES}"
 START = 1_760_432_400.0  # the docs example's created_at
 
 
@@ -134,3 +145,90 @@ class OAuth:
         response = self.client.patch("/_sandbox/config", json=changes)
         assert response.status_code == 200, response.get_json()
         return response.get_json()
+
+
+def admin(oauth: OAuth, method: str, path: str, expected: int = 200, **kwargs: Any) -> Any:
+    """Call ``/_sandbox/<path>`` and assert the status; return the JSON body."""
+    response = oauth.client.open(f"/_sandbox/{path}", method=method, **kwargs)
+    assert response.status_code == expected, response.get_data(as_text=True)
+    return response.get_json()
+
+
+@dataclass
+class Received:
+    """One request the receiver got: headers (case-insensitive lookups via ``header``),
+    the raw body bytes and the monotonic arrival time."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers.items():
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+class Receiver:
+    """A tiny threaded HTTP server on a free loopback port that records every POST.
+
+    ``respond`` maps the 1-based number of the request to ``(status, delay_s)``; the
+    default answers 200 at once.
+    """
+
+    def __init__(self, respond: Callable[[int], tuple[int, float]] | None = None) -> None:
+        self.respond = respond or (lambda _n: (200, 0.0))
+        self.received: list[Received] = []
+        self._lock = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with receiver._lock:
+                    receiver.received.append(
+                        Received(self.path, dict(self.headers.items()), body, time.monotonic())
+                    )
+                    number = len(receiver.received)
+                    receiver._lock.notify_all()
+                status, delay = receiver.respond(number)
+                if delay:
+                    time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up (timeout) before the answer
+
+            def log_message(self, *_args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/stora/webhooks/conn_1"
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+        """Block until at least ``count`` requests arrived; return them all."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.received) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"got {len(self.received)} requests, wanted {count}")
+                self._lock.wait(remaining)
+            return list(self.received)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

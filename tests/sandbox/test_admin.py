@@ -8,13 +8,15 @@ import logging
 import pytest
 
 from stora_sandbox import SandboxConfig, create_app
-from tests.sandbox.support import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, FakeClock, OAuth, bearer
-
-
-def admin(oauth: OAuth, method: str, path: str, expected: int = 200, **kwargs):
-    response = oauth.client.open(f"/_sandbox/{path}", method=method, **kwargs)
-    assert response.status_code == expected, response.get_data(as_text=True)
-    return response.get_json()
+from tests.sandbox.support import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    REDIRECT_URI,
+    FakeClock,
+    OAuth,
+    admin,
+    bearer,
+)
 
 
 def test_index_and_health(oauth: OAuth) -> None:
@@ -174,13 +176,33 @@ def test_config_get_patch_and_validation(oauth: OAuth) -> None:
         "latency_ms": 0,
         "default_scopes": "",
         "page_overflow": "empty",
-        "rate_limit_per_second": 0,
-        "rate_limit_per_minute": 0,
-        "rate_limit_key": "operator",
+        "rate_limit_per_second": 10,
+        "rate_limit_per_minute": 60,
+        "rate_limit_key": "token",
+        "rate_limit_window": "fixed",
         "rate_limit_retry_after": False,
+        "rate_limit_headers_on_success": False,
+        "rate_limit_token_endpoint": False,
+        "idempotency_ttl": 86400,
+        "idempotency_key_reuse": "replay",
+        "reject_unknown_fields": True,
+        "allow_http_loopback_webhooks": True,
+        "webhook_enable_endpoint": False,
+        "webhook_time_factor": 1.0,
+        "webhook_timeout_s": 10.0,
+        "webhook_max_retries": 6,
+        "webhook_resign_retries": True,
+        "webhook_duplicate_rate": 0.0,
+        "webhook_shuffle": False,
+        "webhook_auto_disable_after": 0,
     }
     patched = admin(oauth, "PATCH", "config", json={"revocation_mode": "immediate"})
     assert patched["revocation_mode"] == "immediate"
+    # Whole numbers are accepted for float switches and stored as floats.
+    assert (
+        admin(oauth, "PATCH", "config", json={"webhook_time_factor": 2})["webhook_time_factor"]
+        == 2.0
+    )
     for bad in [
         {"nope": 1},
         {"revocation_mode": "sometimes"},
@@ -191,6 +213,13 @@ def test_config_get_patch_and_validation(oauth: OAuth) -> None:
         {"pkce_methods": "S256 S512"},
         {"default_scopes": "public.everything"},
         {"revocation_mode": "on_use", "bogus": True},
+        {"rate_limit_window": "rolling"},
+        {"webhook_duplicate_rate": 1.5},
+        {"webhook_time_factor": True},
+        {"webhook_time_factor": "fast"},
+        {"webhook_timeout_s": 0},
+        {"webhook_max_retries": 21},
+        {"idempotency_key_reuse": "ignore"},
     ]:
         assert "error" in admin(oauth, "PATCH", "config", 400, json=bad)
     assert admin(oauth, "GET", "config")["revocation_mode"] == "immediate"

@@ -1,12 +1,14 @@
 """The real thing: ``python -m stora_sandbox`` on a loopback port, driven with ``requests``.
 
 Covers what the Flask test client cannot: dropped connections as a client sees them,
-the threaded server, the CLI (flags and ``STORA_SANDBOX_*`` variables), the ready line,
-SIGTERM shutdown and the process's own log output.
+the threaded server, rate limits under concurrent requests and real time, the CLI (flags
+and ``STORA_SANDBOX_*`` variables), the ready line, SIGTERM shutdown (also with a webhook
+delivery in flight) and the process's own log output.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -24,10 +26,12 @@ import pytest
 import requests
 
 from tests.sandbox.support import (
+    ALL_TEST_SCOPES,
     CLIENT_ID,
     CLIENT_SECRET,
     READ_SCOPES,
     REDIRECT_URI,
+    Receiver,
     pkce_pair,
     query_of,
 )
@@ -100,7 +104,7 @@ def fresh(server: Running) -> Running:
     return server
 
 
-def connect(server: Running, operator: str = "Leeds") -> dict:
+def connect(server: Running, operator: str = "Leeds", scope: str = READ_SCOPES) -> dict:
     """Authorize through the consent form and exchange the code, over real HTTP."""
     operators = server.admin("GET", "operators")["operators"]
     operator_id = next(o["id"] for o in operators if o["name"].startswith(operator))
@@ -109,7 +113,7 @@ def connect(server: Running, operator: str = "Leeds") -> dict:
         "response_type": "code",
         "client_id": CLIENT_ID,
         "redirect_uri": REDIRECT_URI,
-        "scope": READ_SCOPES,
+        "scope": scope,
         "state": "s1",
         "code_challenge": challenge,
         "code_challenge_method": "S256",
@@ -240,16 +244,74 @@ def test_concurrent_refreshes_with_one_token(fresh: Running, mode: str, successe
 
 
 def test_process_logs_carry_no_secrets(fresh: Running) -> None:
-    tokens = connect(fresh, "Camden")
+    tokens = connect(fresh, "Camden", scope=ALL_TEST_SCOPES)
     refresh(fresh, tokens["refresh_token"])
+    access = refresh(fresh, tokens["refresh_token"]).json()["access_token"]
+    receiver = Receiver()
+    try:
+        created = requests.post(
+            f"{fresh.base_url}/2025-09/webhook_endpoints",
+            json={
+                "name": "hooks",
+                "api_version": "2025-09",
+                "url": receiver.url,
+                "event_types": ["order.created"],
+            },
+            headers={"Authorization": f"Bearer {access}", "Idempotency-Key": "create-1"},
+            timeout=5,
+        )
+        assert created.status_code == 201
+        webhook_secret = created.json()["endpoint"]["secret"]
+        operator_id = next(
+            o["id"] for o in fresh.admin("GET", "operators")["operators"] if "Camden" in o["name"]
+        )
+        fresh.admin("POST", f"operators/{operator_id}/orders", json={})
+        (delivery,) = receiver.wait_for(1)
+    finally:
+        receiver.close()
+    signature = delivery.header("X-Stora-Signature") or ""
     values = [t["value"] for t in fresh.admin("GET", "tokens")["tokens"]]
-    time.sleep(0.2)  # let the log lines reach the file
+    time.sleep(0.3)  # let the log lines reach the file
     log = fresh.stderr_path.read_text()
     assert "POST /oauth2/token 200" in log
     assert "GET /oauth2/authorize 200" in log
+    assert "POST /2025-09/webhook_endpoints 201" in log
+    assert re.search(
+        r"webhook evt_[0-9a-f]{16} order\.created -> we_[0-9a-f]{16} attempt 1: 200", log
+    )
     assert "state=" not in log and "code_challenge" not in log  # no query strings
-    for secret in [*values, CLIENT_SECRET]:
+    for secret in [*values, CLIENT_SECRET, webhook_secret, signature.split("v1=")[-1]]:
         assert secret not in log
+
+
+def test_concurrent_requests_respect_the_default_limits(fresh: Running) -> None:
+    access = connect(fresh)["access_token"]
+    since = fresh.admin("GET", "requests")["requests"][-1]["seq"]
+    headers = {"Authorization": f"Bearer {access}"}
+
+    def call(_n: int) -> int:
+        return requests.get(
+            f"{fresh.base_url}/2025-09/sites", headers=headers, timeout=10
+        ).status_code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        codes = list(pool.map(call, range(35)))
+    log = [
+        e
+        for e in fresh.admin("GET", f"requests?since={since}")["requests"]
+        if e["endpoint"] == "api"
+    ]
+    assert len(log) == 35
+    per_second: dict[int, int] = {}
+    for entry in log:
+        assert entry["throttled"] is (entry["status"] == 429)
+        if entry["status"] == 200:
+            window = math.floor(entry["at"])
+            per_second[window] = per_second.get(window, 0) + 1
+    assert all(count <= 10 for count in per_second.values())
+    assert sum(per_second.values()) == codes.count(200)
+    seconds = {math.floor(e["at"]) for e in log}
+    assert codes.count(429) >= 35 - 10 * len(seconds) > 0 or len(seconds) > 3
 
 
 def test_cli_reads_env_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -285,6 +347,57 @@ def test_cli_reads_env_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         started = time.monotonic()
         assert running.stop() == 0
         assert time.monotonic() - started < 5
+
+
+def test_cli_turns_limits_off_and_sigterm_stops_webhook_delivery(tmp_path: Path) -> None:
+    receiver = Receiver(lambda _n: (500, 0.5))  # fails slowly, so retries stay queued
+    running = start_sandbox(
+        tmp_path,
+        [
+            "--port", "0", "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET,
+            "--redirect-uri", REDIRECT_URI, "--seed", "demo",
+            "--set", "rate_limit_per_second=0", "--set", "rate_limit_per_minute=0",
+            "--set", "webhook_time_factor=0.5",
+        ],
+    )  # fmt: skip
+    try:
+        config = running.admin("GET", "config")
+        assert (config["rate_limit_per_second"], config["rate_limit_per_minute"]) == (0, 0)
+        assert config["webhook_time_factor"] == 0.5
+        access = connect(running, scope=ALL_TEST_SCOPES)["access_token"]
+        headers = {"Authorization": f"Bearer {access}"}
+        with requests.Session() as session:
+            codes = {
+                session.get(
+                    f"{running.base_url}/2025-09/sites", headers=headers, timeout=5
+                ).status_code
+                for _ in range(40)
+            }
+        assert codes == {200}
+        endpoint = requests.post(
+            f"{running.base_url}/2025-09/webhook_endpoints",
+            json={
+                "name": "hooks",
+                "api_version": "2025-09",
+                "url": receiver.url,
+                "event_types": ["order.created"],
+            },
+            headers=headers,
+            timeout=5,
+        )
+        assert endpoint.status_code == 201
+        operator_id = running.admin("GET", "operators")["operators"][0]["id"]
+        running.admin("POST", f"operators/{operator_id}/orders", json={"count": 2})
+        receiver.wait_for(1)
+    finally:
+        started = time.monotonic()
+        assert running.stop() == 0
+        assert time.monotonic() - started < 5
+        time.sleep(0.6)
+        delivered = len(receiver.received)
+        receiver.close()
+    # The attempt in flight finished; nothing was sent after the process stopped.
+    assert delivered <= 2
 
 
 def test_cli_rejects_bad_switches(tmp_path: Path) -> None:
