@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from partner_app.security.vault import generate_key_entry
+from partner_app.stora.ratelimit import RateLimitSettings
 
 MODES = ("production", "demo", "test")
 TOKEN_AUTH_METHODS = ("json_body", "form_body", "basic")
@@ -111,6 +112,7 @@ class Settings:
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     log_level: str = "INFO"
+    rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     generated_secrets: tuple[str, ...] = ()
 
     # -- derived ---------------------------------------------------------------
@@ -240,6 +242,9 @@ class Settings:
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 
+        rate_limit, rate_problems = RateLimitSettings.parse(env)
+        problems += rate_problems
+
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -259,6 +264,7 @@ class Settings:
             install_state_ttl=install_state_ttl,
             install_link_ttl=install_link_ttl,
             log_level=log_level,
+            rate_limit=rate_limit,
             generated_secrets=tuple(generated),
         )
 

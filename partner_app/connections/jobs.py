@@ -9,23 +9,35 @@ from flask import current_app
 
 from partner_app.connections.credentials import CredentialError
 from partner_app.connections.models import Operator, OperatorStatus
-from partner_app.connections.tokens import OperatorTokens
+from partner_app.connections.tokens import OperatorTokens, limiter_key
 from partner_app.db import db
 from partner_app.queueing import get_redis
 from partner_app.stora.client import StoraClient, storefront_host
 from partner_app.stora.errors import StoraError
+from partner_app.stora.ratelimit import RedisRateLimiter, limiter_from_settings
 
 log = logging.getLogger(__name__)
 
 
+def limiter() -> RedisRateLimiter:
+    """The app's shared Stora rate limiter (one per process, state in Redis)."""
+    existing = current_app.extensions.get("stora_limiter")
+    if existing is None:
+        existing = limiter_from_settings(current_app.extensions["settings"], get_redis())
+        current_app.extensions["stora_limiter"] = existing
+    return existing
+
+
 def client_for(operator_id: int) -> StoraClient:
-    """A StoraClient for one operator, wired to the app's vault and OAuth client."""
+    """A StoraClient for one operator, wired to the app's vault, OAuth client and limiter."""
     settings = current_app.extensions["settings"]
+    shared_limiter = limiter()
     tokens = OperatorTokens(operator_id, vault=current_app.extensions["vault"],
                             oauth=current_app.extensions["stora_oauth"],
-                            redis=get_redis())
+                            redis=get_redis(), limiter=shared_limiter)
     return StoraClient(api_base=settings.stora_api_base, tokens=tokens,
-                       timeout=(settings.http_connect_timeout, settings.http_read_timeout))
+                       timeout=(settings.http_connect_timeout, settings.http_read_timeout),
+                       limiter=shared_limiter, limiter_key=limiter_key(operator_id))
 
 
 def first_api_call(operator_id: int) -> dict:
@@ -111,7 +123,7 @@ def refresh_operator_token(operator_id: int) -> dict:
     try:
         get_access_token(operator_id, vault=current_app.extensions["vault"],
                          oauth=current_app.extensions["stora_oauth"], redis=get_redis(),
-                         margin=PROACTIVE_MARGIN)
+                         limiter=limiter(), margin=PROACTIVE_MARGIN)
     except (CredentialError, PlatformCredentialsRejected) as exc:
         if getattr(exc, "retryable", False):
             raise

@@ -49,6 +49,7 @@ from partner_app.connections.credentials import (
 from partner_app.connections.models import Credential, Operator, OperatorStatus
 from partner_app.db import db
 from partner_app.security.vault import Vault
+from partner_app.stora.client import RateLimiter
 from partner_app.stora.errors import (
     InvalidClient,
     InvalidGrant,
@@ -181,13 +182,27 @@ def _lock_row(operator_id: int) -> Credential:
         raise _Busy from None
 
 
-def _spend(oauth: StoraOAuth, refresh_token: str) -> TokenSet:
-    """Call the token endpoint with bounded, jittered retries for transient failures."""
+def limiter_key(operator_id: int) -> str:
+    """The rate-limit key of one operator's calls (its token is the unit Stora limits)."""
+    return f"operator:{operator_id}"
+
+
+def _spend(oauth: StoraOAuth, refresh_token: str, *, operator_id: int,
+           limiter: RateLimiter | None) -> TokenSet:
+    """Call the token endpoint with bounded, jittered retries for transient failures.
+
+    Token calls draw on the limiter's reserved share, so bulk API traffic cannot starve
+    refreshes; a 429 here cools the operator's key down for every worker.
+    """
     for attempt in range(QUICK_RETRIES + 1):
+        if limiter is not None:
+            limiter.acquire(limiter_key(operator_id), kind="token")
         failpoints.reach("before_token_post")
         try:
             return oauth.refresh(refresh_token)
         except OAuthUnavailable as exc:
+            if exc.status == 429 and limiter is not None:
+                limiter.backoff(limiter_key(operator_id), exc.retry_after or 1.0)
             wait = exc.retry_after if exc.retry_after is not None else \
                 random.uniform(0.1, 0.5) * (2 ** attempt)
             if attempt == QUICK_RETRIES or wait > MAX_QUICK_RETRY_WAIT:
@@ -204,7 +219,8 @@ def _set_health(operator_id: int, **values) -> None:
 
 
 def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
-                     redis: redis_lib.Redis | None = None, now: Clock = _utcnow,
+                     redis: redis_lib.Redis | None = None,
+                     limiter: RateLimiter | None = None, now: Clock = _utcnow,
                      rejected: str | None = None,
                      margin: timedelta = ON_DEMAND_MARGIN) -> str:
     """A valid access token for the operator, refreshing it single-flight if needed.
@@ -241,10 +257,11 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
                                          not secrets.compare_digest(flight.token, rejected)):
             return flight.token
         return _across_processes(operator_id, vault=vault, oauth=oauth, redis=redis,
-                                 now=now, rejected=rejected, margin=margin)
+                                 limiter=limiter, now=now, rejected=rejected, margin=margin)
     try:
         flight.token = _across_processes(operator_id, vault=vault, oauth=oauth, redis=redis,
-                                         now=now, rejected=rejected, margin=margin)
+                                         limiter=limiter, now=now, rejected=rejected,
+                                         margin=margin)
         return flight.token
     finally:
         with _flights_lock:
@@ -253,15 +270,15 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
 
 
 def _across_processes(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
-                      redis: redis_lib.Redis | None, now: Clock, rejected: str | None,
-                      margin: timedelta) -> str:
+                      redis: redis_lib.Redis | None, limiter: RateLimiter | None, now: Clock,
+                      rejected: str | None, margin: timedelta) -> str:
     """Single flight across processes: one refresher, the others wait for its commit."""
     deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
     while True:
         try:
             with _redis_gate(redis, operator_id):
-                return _refresh_locked(operator_id, vault=vault, oauth=oauth, now=now,
-                                       rejected=rejected, margin=margin)
+                return _refresh_locked(operator_id, vault=vault, oauth=oauth, limiter=limiter,
+                                       now=now, rejected=rejected, margin=margin)
         except _Busy:
             pass
         _wait_for_sibling(redis, operator_id, deadline)
@@ -272,8 +289,9 @@ def _across_processes(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
             return token
 
 
-def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth, now: Clock,
-                    rejected: str | None, margin: timedelta) -> str:
+def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
+                    limiter: RateLimiter | None, now: Clock, rejected: str | None,
+                    margin: timedelta) -> str:
     locked = _lock_row(operator_id)
     token = _usable(locked, vault=vault, now=now(), margin=margin, rejected=rejected)
     if token is not None:  # a sibling refreshed while we waited
@@ -286,7 +304,7 @@ def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth, now: C
     spent = decrypt_column(locked, "refresh_token_ct", vault=vault)
     read_version = locked.version
     try:
-        tokens = _spend(oauth, spent)
+        tokens = _spend(oauth, spent, operator_id=operator_id, limiter=limiter)
     except InvalidGrant:
         db.session.rollback()
         return _after_invalid_grant(operator_id, spent, vault=vault)
@@ -371,15 +389,16 @@ class OperatorTokens:
     """``TokenSource`` for ``StoraClient``: tokens from the vault, refreshed on demand."""
 
     def __init__(self, operator_id: int, *, vault: Vault, oauth: StoraOAuth,
-                 redis: redis_lib.Redis | None = None):
+                 redis: redis_lib.Redis | None = None, limiter: RateLimiter | None = None):
         self.operator_id = operator_id
         self._vault = vault
         self._oauth = oauth
         self._redis = redis
+        self._limiter = limiter
 
     def access_token(self) -> str:
         return get_access_token(self.operator_id, vault=self._vault, oauth=self._oauth,
-                                redis=self._redis)
+                                redis=self._redis, limiter=self._limiter)
 
     def replace_rejected(self, rejected: str) -> str | None:
         # A sibling may have rotated (and so revoked our token): get_access_token returns
@@ -387,7 +406,8 @@ class OperatorTokens:
         db.session.rollback()
         try:
             return get_access_token(self.operator_id, vault=self._vault, oauth=self._oauth,
-                                    redis=self._redis, rejected=rejected)
+                                    redis=self._redis, limiter=self._limiter,
+                                    rejected=rejected)
         except NeedsReauth:
             return None
 

@@ -8,11 +8,13 @@ on a 401 it asks the source once for a replacement and retries once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import requests
@@ -82,7 +84,13 @@ def storefront_host(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _retry_after(resp: requests.Response) -> float | None:
+def retry_after(resp: requests.Response) -> float | None:
+    """Seconds Stora asks us to wait: ``Retry-After``, else ``RateLimit-Reset``.
+
+    ``RateLimit-Reset`` is an epoch time on Stora's clock, so it is measured against the
+    response's own ``Date`` header when present: a worker whose clock is ten minutes off
+    still waits the right time.
+    """
     raw = resp.headers.get("Retry-After")
     if raw:
         try:
@@ -90,14 +98,20 @@ def _retry_after(resp: requests.Response) -> float | None:
         except ValueError:
             pass
     reset = resp.headers.get("RateLimit-Reset")
-    if reset:
-        try:
-            value = float(reset)
-        except ValueError:
-            return None
-        # Stora documents epoch seconds; tolerate a delta too.
-        return max(0.0, value - time.time()) if value > 1e9 else value
-    return None
+    if not reset:
+        return None
+    try:
+        value = float(reset)
+    except ValueError:
+        return None
+    if value < 1e9:  # a delta, not an epoch time
+        return max(0.0, value)
+    server_now = time.time()
+    if resp.headers.get("Date"):
+        with contextlib.suppress(TypeError, ValueError):
+            server_now = parsedate_to_datetime(resp.headers["Date"]).timestamp()
+    # Date has whole-second resolution: round the wait up rather than down.
+    return max(0.0, value - server_now) + 0.5
 
 
 def error_for(resp: requests.Response) -> ApiError:
@@ -118,9 +132,9 @@ def error_for(resp: requests.Response) -> ApiError:
         f"{' ' + code if code else ''}"
     kwargs = {"status": status, "code": code, "request_id": request_id}
     if status == 429:
-        return RateLimited(text, retry_after=_retry_after(resp), **kwargs)
+        return RateLimited(text, retry_after=retry_after(resp), **kwargs)
     if status >= 500:
-        return ApiUnavailable(text, retry_after=_retry_after(resp), **kwargs)
+        return ApiUnavailable(text, retry_after=retry_after(resp), **kwargs)
     if status == 401:
         return Unauthorized(text, **kwargs)
     if status == 403:
@@ -198,7 +212,7 @@ class StoraClient:
             raise ApiUnavailable(f"{method} {url.split('?')[0]}: {type(exc).__name__}") from exc
         if resp.status_code == 429 and self._limiter is not None:
             # Every worker honours the cooldown, not only the one that was told.
-            self._limiter.backoff(self._limiter_key, _retry_after(resp) or 1.0)
+            self._limiter.backoff(self._limiter_key, retry_after(resp) or 1.0)
         return resp
 
     # -- lists --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 import requests
 from authlib.integrations.requests_client import OAuth2Session
 
+from partner_app.stora.client import retry_after
 from partner_app.stora.errors import (
     InvalidClient,
     InvalidGrant,
@@ -86,20 +87,6 @@ _AUTH_METHOD = {
 }
 
 
-def _retry_after(resp: requests.Response) -> float | None:
-    for header in ("Retry-After", "RateLimit-Reset"):
-        raw = resp.headers.get(header)
-        if not raw:
-            continue
-        try:
-            value = float(raw)
-        except ValueError:
-            continue
-        # RateLimit-Reset is an epoch timestamp (Stora docs); Retry-After is seconds.
-        return max(0.0, value - time.time()) if value > 1e9 else value
-    return None
-
-
 def classify_oauth_response(resp: requests.Response) -> requests.Response:
     """Raise a typed error for anything but a 2xx JSON object; return the response."""
     status = resp.status_code
@@ -113,7 +100,7 @@ def classify_oauth_response(resp: requests.Response) -> requests.Response:
     if status == 429 or status >= 500:
         raise OAuthUnavailable(f"token endpoint answered {status}", status=status,
                                code=error if isinstance(error, str) else None,
-                               retry_after=_retry_after(resp))
+                               retry_after=retry_after(resp))
     if 200 <= status < 300:
         if not isinstance(payload, dict):
             raise MalformedTokenResponse("token endpoint answered 2xx with no JSON object",
