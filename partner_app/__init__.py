@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from partner_app.security import staff
     from partner_app.security.vault import Vault
     from partner_app.stora.oauth import StoraOAuth
+    from partner_app.webhooks.views import bp as webhooks_bp
 
     settings = settings or Settings.from_env()
     configure_logging(settings)
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(connections_bp)
     app.register_blueprint(dashboard_bp)
+    app.register_blueprint(webhooks_bp)
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -95,3 +97,6 @@ def _import_models() -> None:
     from partner_app import audit, incidents  # noqa: F401
     from partner_app.connections import models  # noqa: F401
     from partner_app.security import models as security_models  # noqa: F401
+    from partner_app.sync import models as sync_models  # noqa: F401
+    from partner_app.timeline import models as timeline_models  # noqa: F401
+    from partner_app.webhooks import models as webhook_models  # noqa: F401

@@ -45,6 +45,7 @@ DEFAULT_SCOPES = (
 )
 _KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _SCOPE_RE = re.compile(r"^[a-z_.]+:(read|write)$")
+_EVENT_TYPE_RE = re.compile(r"^[a-z_]+\.[a-z_.]+$")
 
 
 class ConfigError(Exception):
@@ -113,6 +114,9 @@ class Settings:
     http_read_timeout: float = 10.0
     log_level: str = "INFO"
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    webhook_event_types: tuple[str, ...] = ("order.created",)
+    webhook_tolerance: int = 300
+    webhook_max_body: int = 1024 * 1024
     generated_secrets: tuple[str, ...] = ()
 
     # -- derived ---------------------------------------------------------------
@@ -242,6 +246,15 @@ class Settings:
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 
+        raw_types = env.get("WEBHOOK_EVENT_TYPES", "").replace(",", " ").split()
+        webhook_event_types = tuple(dict.fromkeys(raw_types)) or ("order.created",)
+        bad_types = [t for t in webhook_event_types if not _EVENT_TYPE_RE.match(t)]
+        if bad_types:
+            problems.append(f"WEBHOOK_EVENT_TYPES has malformed types: {', '.join(bad_types)}")
+        webhook_tolerance = _int(env, "WEBHOOK_TOLERANCE", 300, problems, low=0, high=7 * 86400)
+        webhook_max_body = _int(env, "WEBHOOK_MAX_BODY", 1024 * 1024, problems,
+                                low=1024, high=32 * 1024 * 1024)
+
         rate_limit, rate_problems = RateLimitSettings.parse(env)
         problems += rate_problems
 
@@ -265,6 +278,9 @@ class Settings:
             install_link_ttl=install_link_ttl,
             log_level=log_level,
             rate_limit=rate_limit,
+            webhook_event_types=webhook_event_types,
+            webhook_tolerance=webhook_tolerance,
+            webhook_max_body=webhook_max_body,
             generated_secrets=tuple(generated),
         )
 

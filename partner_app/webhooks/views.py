@@ -1,0 +1,55 @@
+"""``POST /webhooks/stora/<route key>``: verify, store durably, acknowledge, then process.
+
+Answers: 200 stored (or already stored); 400/401 not authentic or malformed (nothing
+stored; Stora's retry is harmless); 404 unknown route (no detail); 413 too large;
+503 the database could not store it (Stora retries). A Redis outage does not fail a
+delivery: the row is committed, and the sweeper queues what the enqueue missed.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from flask import Blueprint, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
+
+from partner_app.db import db
+from partner_app.extensions import csrf
+from partner_app.webhooks import inbox
+from partner_app.webhooks.jobs import enqueue_processing
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("webhooks", __name__)
+
+
+@bp.post("/webhooks/stora/<route_key>")
+@csrf.exempt
+def receive(route_key: str):
+    settings = current_app.extensions["settings"]
+    if (request.content_length or 0) > settings.webhook_max_body:
+        return jsonify(error="too_large"), 413
+    body = request.get_data(cache=False)  # the raw bytes the signature covers
+    if len(body) > settings.webhook_max_body:
+        return jsonify(error="too_large"), 413
+    try:
+        received = inbox.receive(route_key, body, dict(request.headers),
+                                 vault=current_app.extensions["vault"],
+                                 now=datetime.now(UTC),
+                                 tolerance=settings.webhook_tolerance)
+        if not received.duplicate:
+            enqueue_processing(received.event.id)
+        db.session.commit()
+    except inbox.Rejected as rejected:
+        db.session.rollback()
+        log.info("webhook.rejected", extra={"reason": rejected.reason,
+                                            "status": rejected.status})
+        if rejected.status == 404:
+            return "", 404
+        return jsonify(error=rejected.reason), rejected.status
+    except SQLAlchemyError:
+        db.session.rollback()
+        log.exception("webhook.store_failed")
+        return jsonify(error="unavailable"), 503
+    return jsonify(received=True, duplicate=received.duplicate), 200
