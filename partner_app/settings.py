@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from partner_app.envparse import number
 from partner_app.security.vault import generate_key_entry
 from partner_app.stora.ratelimit import RateLimitSettings
 
@@ -240,8 +241,8 @@ class Settings:
         if token_auth not in TOKEN_AUTH_METHODS:
             problems.append(f"STORA_TOKEN_AUTH must be one of {', '.join(TOKEN_AUTH_METHODS)}")
 
-        install_state_ttl = _int(env, "INSTALL_STATE_TTL", 600, problems, low=30, high=3600)
-        install_link_ttl = _int(env, "INSTALL_LINK_TTL", 3600, problems, low=60, high=30 * 86400)
+        install_state_ttl = number(env, "INSTALL_STATE_TTL", 600, problems, low=30, high=3600)
+        install_link_ttl = number(env, "INSTALL_LINK_TTL", 3600, problems, low=60, high=30 * 86400)
         log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
@@ -251,8 +252,8 @@ class Settings:
         bad_types = [t for t in webhook_event_types if not _EVENT_TYPE_RE.match(t)]
         if bad_types:
             problems.append(f"WEBHOOK_EVENT_TYPES has malformed types: {', '.join(bad_types)}")
-        webhook_tolerance = _int(env, "WEBHOOK_TOLERANCE", 300, problems, low=0, high=7 * 86400)
-        webhook_max_body = _int(env, "WEBHOOK_MAX_BODY", 1024 * 1024, problems,
+        webhook_tolerance = number(env, "WEBHOOK_TOLERANCE", 300, problems, low=0, high=7 * 86400)
+        webhook_max_body = number(env, "WEBHOOK_MAX_BODY", 1024 * 1024, problems,
                                 low=1024, high=32 * 1024 * 1024)
 
         rate_limit, rate_problems = RateLimitSettings.parse(env)
@@ -302,18 +303,3 @@ def read_env_file(path: Path) -> dict[str, str]:
 def _is_http_url(value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
-def _int(env: Mapping[str, str], name: str, default: int, problems: list[str], *,
-         low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        problems.append(f"{name} must be an integer")
-        return default
-    if not low <= value <= high:
-        problems.append(f"{name} must be between {low} and {high}")
-    return value

@@ -113,6 +113,7 @@ from typing import Any
 
 import redis as redis_lib
 
+from partner_app.envparse import number
 from partner_app.stora.errors import RateLimitWait
 
 log = logging.getLogger(__name__)
@@ -416,32 +417,21 @@ class RateLimitSettings:
         (defaults stand in for bad values), to merge into ``ConfigError``."""
         problems: list[str] = []
 
-        def number(name: str, default, cast, low, high):
-            raw = environ.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = cast(raw)
-            except ValueError:
-                problems.append(f"{name} must be a{'n integer' if cast is int else ' number'}")
-                return default
-            if not low <= value <= high:
-                problems.append(f"{name} must be between {low} and {high}")
-                return default
-            return value
+        def read(name: str, default, cast, low, high):
+            return number(environ, name, default, problems, cast=cast, low=low, high=high)
 
         scope = environ.get("STORA_RATE_LIMIT_SCOPE", "").strip().lower() or "operator"
         if scope not in SCOPES:
             problems.append(f"STORA_RATE_LIMIT_SCOPE must be one of {', '.join(SCOPES)}")
             scope = "operator"
         settings = cls(
-            per_second=number("STORA_RATE_PER_SECOND", 10, int, 1, 10_000),
-            per_minute=number("STORA_RATE_PER_MINUTE", 60, int, 1, 600_000),
-            global_per_second=number("STORA_GLOBAL_RATE_PER_SECOND", None, int, 1, 100_000),
-            global_per_minute=number("STORA_GLOBAL_RATE_PER_MINUTE", None, int, 1, 6_000_000),
-            token_reserve=number("STORA_RATE_TOKEN_RESERVE", 0.1, float, 0.0, 0.5),
-            margin_ms=number("STORA_RATE_MARGIN_MS", 100, int, 0, 5_000),
-            max_wait=number("STORA_RATE_MAX_WAIT", 2.0, float, 0.0, 30.0),
+            per_second=read("STORA_RATE_PER_SECOND", 10, int, 1, 10_000),
+            per_minute=read("STORA_RATE_PER_MINUTE", 60, int, 1, 600_000),
+            global_per_second=read("STORA_GLOBAL_RATE_PER_SECOND", None, int, 1, 100_000),
+            global_per_minute=read("STORA_GLOBAL_RATE_PER_MINUTE", None, int, 1, 6_000_000),
+            token_reserve=read("STORA_RATE_TOKEN_RESERVE", 0.1, float, 0.0, 0.5),
+            margin_ms=read("STORA_RATE_MARGIN_MS", 100, int, 0, 5_000),
+            max_wait=read("STORA_RATE_MAX_WAIT", 2.0, float, 0.0, 30.0),
             scope=scope,
         )
         return settings, problems
