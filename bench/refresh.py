@@ -1,6 +1,6 @@
 """Single-flight refresh under a thundering herd.
 
-100 callers (processes × threads) ask at the same instant for the token of one
+100 callers (processes x threads) ask at the same instant for the token of one
 operator whose access token has just expired. Prints how many token requests reached
 Stora (target: exactly 1) and the latency the refresh added: the herd latency
 minus the same herd's latency when the token is fresh (measured in the same run, same

@@ -191,6 +191,18 @@ def staff_create(email: str, password: str) -> None:
     click.echo(f"created staff account {email}")
 
 
+# -- sync ------------------------------------------------------------------------------------
+from partner_app.sync.cli import sync  # noqa: E402
+
+cli.add_command(sync)
+
+
+# -- webhooks --------------------------------------------------------------------------------
+from partner_app.webhooks.cli import webhooks  # noqa: E402
+
+cli.add_command(webhooks)
+
+
 # -- processes -------------------------------------------------------------------------------
 @cli.command("sandbox", with_appcontext=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, registry
 from sqlalchemy.types import TypeDecorator
@@ -52,6 +53,20 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+
+
+def insert_for(model):
+    """``INSERT … ON CONFLICT`` for the session's database (PostgreSQL or SQLite).
+
+    ``model`` is a mapped class or a table. Portable upserts and insert-if-absent
+    without savepoints (pysqlite's SAVEPOINT handling commits outside a transaction).
+    """
+    dialect = db.session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise NotImplementedError(f"no INSERT … ON CONFLICT for {dialect}")
 
 
 @event.listens_for(Engine, "connect")

@@ -44,8 +44,11 @@ def get_redis(app: Flask | None = None) -> redis.Redis:
     app = app or current_app
     conn = app.extensions.get("redis")
     if conn is None:
+        # Short timeouts: a Redis that hangs must not hold a webhook acknowledgement or a
+        # request hostage (the sweepers re-queue what an enqueue missed). RQ workers raise
+        # the socket timeout on their own connection for blocking dequeues.
         conn = redis.Redis.from_url(redis_url(app.extensions["settings"]),
-                                    socket_connect_timeout=5, socket_timeout=30,
+                                    socket_connect_timeout=1, socket_timeout=3,
                                     health_check_interval=30)
         app.extensions["redis"] = conn
     return conn

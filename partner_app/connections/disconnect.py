@@ -1,9 +1,10 @@
 """Disconnecting an operator: revoke at Stora, crypto-shred, mark, audit. Idempotent.
 
-Order matters. Revocation goes first, while we can still decrypt the token: if Stora is
+Order matters. Stora is told first, while we can still decrypt the token: the
+operator's webhook endpoints are disabled, then the grant is revoked. If Stora is
 unreachable nothing local changes and the caller retries later (or forces a local-only
 disconnect). Only then is the operator's data key destroyed, which makes every secret
-it protected unrecoverable, and the credential row removed.
+it protected unrecoverable (tokens and webhook secrets), and the credential row removed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 
 from partner_app import audit, incidents
-from partner_app.connections.credentials import decrypt_column
+from partner_app.connections.credentials import CredentialError, decrypt_column
 from partner_app.connections.models import Credential, Operator, OperatorStatus
+from partner_app.connections.tokens import PlatformCredentialsRejected
 from partner_app.db import db
 from partner_app.security.models import DataKey
 from partner_app.security.vault import Vault, VaultError
-from partner_app.stora.errors import InvalidClient, OAuthRequestRejected, OAuthUnavailable
+from partner_app.stora.errors import (
+    InvalidClient,
+    OAuthRequestRejected,
+    OAuthUnavailable,
+    RateLimited,
+    RateLimitWait,
+    StoraError,
+)
 from partner_app.stora.oauth import StoraOAuth
+from partner_app.webhooks.subscriptions import close_locally as close_subscriptions
+from partner_app.webhooks.subscriptions import disable_endpoints_at_stora
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,27 @@ def _revoke(credential: Credential, *, vault: Vault, oauth: StoraOAuth) -> bool:
     return True
 
 
+def _disable_webhooks(operator_id: int) -> int:
+    """Disable the operator's webhook endpoints at Stora; returns how many.
+
+    Raises DisconnectFailed when Stora cannot be reached now. If a later step then fails,
+    the operator stays connected with endpoints disabled at Stora, which the webhook
+    reconciler repairs like any other drift. A grant that is already gone cannot be used
+    to tell Stora, and is no reason to keep the operator connected.
+    """
+    try:
+        return disable_endpoints_at_stora(operator_id)
+    except PlatformCredentialsRejected as exc:
+        raise DisconnectFailed("invalid_client") from exc
+    except (RateLimited, RateLimitWait) as exc:
+        raise DisconnectFailed("stora_rate_limited") from exc
+    except (StoraError, CredentialError) as exc:
+        if getattr(exc, "retryable", False):
+            raise DisconnectFailed("stora_unavailable") from exc
+        log.warning("disconnect.webhooks_not_disabled", extra={"error": type(exc).__name__})
+        return 0
+
+
 def disconnect_operator(operator: Operator, *, vault: Vault, oauth: StoraOAuth, now: datetime,
                         actor_type: str, actor: str, revoke: bool = True) -> DisconnectResult:
     """Disconnect (flush only; the caller commits). Safe to call again.
@@ -75,6 +107,7 @@ def disconnect_operator(operator: Operator, *, vault: Vault, oauth: StoraOAuth, 
         return DisconnectResult(operator, True, False, 0)
     credential = db.session.scalars(
         select(Credential).where(Credential.operator_id == operator.id)).one_or_none()
+    webhooks_disabled = _disable_webhooks(operator.id) if (revoke and credential) else 0
     revoked = _revoke(credential, vault=vault, oauth=oauth) if (revoke and credential) \
         else False
     destroyed = db.session.execute(
@@ -83,12 +116,13 @@ def disconnect_operator(operator: Operator, *, vault: Vault, oauth: StoraOAuth, 
         .values(wrapped_key=None, destroyed_at=now)
         .execution_options(synchronize_session=False)).rowcount
     db.session.execute(delete(Credential).where(Credential.operator_id == operator.id))
+    close_subscriptions(operator.id, reason="operator disconnected")
     operator.status = OperatorStatus.DISCONNECTED
     operator.disconnected_at = now
     operator.last_error = None
     audit.record("operator.disconnected", actor_type=actor_type, actor=actor,
                  operator_id=operator.id, revoked_at_stora=revoked, destroyed_keys=destroyed,
-                 revoke_requested=revoke)
+                 revoke_requested=revoke, webhook_endpoints_disabled=webhooks_disabled)
     db.session.flush()
     log.info("operator.disconnected", extra={"operator": operator.public_id,
                                              "revoked": revoked})

@@ -247,9 +247,19 @@ def complete_install(*, settings: Settings, vault: Vault, oauth: StoraOAuth, now
     enqueue_after_commit("partner_app.connections.jobs.first_api_call", operator.id,
                          job_id=f"first-api-call-{operator.id}-{credential.version}",
                          retry=STORA_RETRY)
+    _queue_webhook_reconcile(operator.id, credential.version)
     log.info("install.completed", extra={"operator": operator.public_id,
                                          "reconnected": reconnected})
     return InstallResult(operator=operator, reconnected=reconnected)
+
+
+def _queue_webhook_reconcile(operator_id: int, credential_version: int) -> None:
+    """Subscribe the operator to webhooks once the connect commits (imported here: the
+    webhooks package builds on connections)."""
+    from partner_app.webhooks.reconcile_jobs import connect_job_id, enqueue_reconcile_after_commit
+
+    enqueue_reconcile_after_commit(operator_id,
+                                   job_id=connect_job_id(operator_id, credential_version))
 
 
 def record_failure(reason: str, *, detail: str | None) -> None:

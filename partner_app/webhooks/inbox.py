@@ -15,10 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import IntegrityError
 
 from partner_app.connections.credentials import cipher_for_key
-from partner_app.db import db
+from partner_app.db import db, insert_for
 from partner_app.security.models import DataKey
 from partner_app.security.vault import Vault, VaultError
 from partner_app.stora.signatures import HEADER, SignatureError, verify
@@ -35,6 +34,7 @@ SECRET_TABLE = "webhook_subscriptions"  # noqa: S105 (a table name)
 SECRET_COLUMN = "secret_ct"  # noqa: S105 (a column name)
 # Headers kept with the event for support and audits (never the signature's secret).
 KEPT_HEADERS = ("Content-Type", "User-Agent", "X-Stora-Request-Id", HEADER)
+DELIVERY_MARK_EVERY = timedelta(seconds=60)
 
 
 class Rejected(Exception):
@@ -108,20 +108,19 @@ def receive(route_key: str, body: bytes, headers: dict[str, str], *, vault: Vaul
         raise Rejected(401 if exc.reason == "no_match" else 400, exc.reason) from None
     event_id, event_type, _ = _envelope(body)
     kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
-    existing = _find(sub.operator_id, event_id)
-    if existing is None:
-        event = WebhookEvent(
+    inserted = db.session.execute(
+        insert_for(WebhookEvent).values(
             operator_id=sub.operator_id, subscription_id=sub.id, event_id=event_id,
             event_type=event_type, signed_at=datetime.fromtimestamp(signed_at, UTC),
-            received_at=now, body=body.decode("utf-8"), headers=kept)
-        try:
-            with db.session.begin_nested():
-                db.session.add(event)
-        except IntegrityError:  # a concurrent copy of the same event won the insert
-            existing = _find(sub.operator_id, event_id)
-        else:
-            sub.last_delivery_at = now
-            return Received(event=event, duplicate=False)
+            received_at=now, body=body.decode("utf-8"), headers=kept,
+            status=InboxStatus.PENDING, deliveries=1, attempts=0)
+        .on_conflict_do_nothing(index_elements=["operator_id", "event_id"])
+        .returning(WebhookEvent.id)).scalar_one_or_none()
+    if inserted is not None:
+        if sub.last_delivery_at is None or now - sub.last_delivery_at > DELIVERY_MARK_EVERY:
+            sub.last_delivery_at = now  # coarse on purpose: one write a minute, not each
+        return Received(event=db.session.get(WebhookEvent, inserted), duplicate=False)
+    existing = _find(sub.operator_id, event_id)
     db.session.execute(update(WebhookEvent).where(WebhookEvent.id == existing.id)
                        .values(deliveries=WebhookEvent.deliveries + 1)
                        .execution_options(synchronize_session=False))

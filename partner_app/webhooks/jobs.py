@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from rq import Retry
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 PROCESS = "partner_app.webhooks.jobs.process_webhook_event"
 PROCESS_RETRY = Retry(max=5, interval=[5, 30, 120, 600, 1800])
 SWEEP_AFTER = timedelta(seconds=60)
+_DONE = ("finished", "failed", "stopped", "canceled")
 
 
 def job_id(event_row_id: int) -> str:
@@ -81,18 +83,30 @@ def sweep_inbox(limit: int = 500) -> dict:
     """Cron: queue events whose enqueue was lost (Redis down at receipt, a crash between
     commit and enqueue) or whose processing job died. Deterministic job ids make a
     sweep that races the original enqueue queue it once."""
-    from rq.exceptions import DuplicateJobError
+    from rq.exceptions import DuplicateJobError, NoSuchJobError
+    from rq.job import Job
 
     ids = inbox.stale(now=datetime.now(UTC), pending_for=SWEEP_AFTER, limit=limit)
     queue = get_queue(QUEUE_WEBHOOKS)
     queued = 0
     for event_row_id in ids:
-        try:
-            queue.enqueue(PROCESS, event_row_id, job_id=job_id(event_row_id), unique=True,
-                          retry=PROCESS_RETRY, failure_ttl=7 * 86400)
-            queued += 1
-        except DuplicateJobError:
-            pass
+        for _ in range(2):
+            try:
+                queue.enqueue(PROCESS, event_row_id, job_id=job_id(event_row_id), unique=True,
+                              retry=PROCESS_RETRY, failure_ttl=7 * 86400)
+                queued += 1
+                break
+            except DuplicateJobError:
+                # Queued or running: leave it. Finished, failed or stopped: its hash only
+                # blocks the id (for failure_ttl); the row is stale, so run it again.
+                try:
+                    old = Job.fetch(job_id(event_row_id), connection=queue.connection,
+                                    serializer=queue.serializer)
+                except NoSuchJobError:
+                    continue  # it expired in between: the next try enqueues
+                if old.get_status(refresh=True) not in _DONE:
+                    break
+                old.delete()
     if ids:
         log.info("webhook.sweep", extra={"stale": len(ids), "queued": queued})
     return {"stale": len(ids), "queued": queued}
@@ -102,5 +116,5 @@ def replay_event(event_row_id: int) -> None:
     """Queue a failed (or any) event again; used by the CLI and the dashboard."""
     get_queue(QUEUE_WEBHOOKS).enqueue(PROCESS, event_row_id, True,
                                       job_id=f"{job_id(event_row_id)}-replay-"
-                                             f"{int(datetime.now(UTC).timestamp())}",
+                                             f"{uuid.uuid4().hex[:12]}",
                                       retry=PROCESS_RETRY)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
+from partner_app import failpoints
 from partner_app.db import db
 from partner_app.extensions import csrf
 from partner_app.webhooks import inbox
@@ -30,7 +31,9 @@ def receive(route_key: str):
     settings = current_app.extensions["settings"]
     if (request.content_length or 0) > settings.webhook_max_body:
         return jsonify(error="too_large"), 413
-    body = request.get_data(cache=False)  # the raw bytes the signature covers
+    # The raw bytes the signature covers, read with a cap: a chunked body has no
+    # Content-Length to refuse up front.
+    body = request.stream.read(settings.webhook_max_body + 1)
     if len(body) > settings.webhook_max_body:
         return jsonify(error="too_large"), 413
     try:
@@ -40,6 +43,7 @@ def receive(route_key: str):
                                  tolerance=settings.webhook_tolerance)
         if not received.duplicate:
             enqueue_processing(received.event.id)
+        failpoints.reach("webhook_before_commit")
         db.session.commit()
     except inbox.Rejected as rejected:
         db.session.rollback()

@@ -1,0 +1,560 @@
+"""Webhook receipt benchmark: signed ``order.created`` deliveries against the real app.
+
+    python -m bench.webhooks [--connections 16] [--seconds 20] [--workers 2] [--sqlite]
+
+Two servers run with the very same command line, ``partner-app web`` (gunicorn, gthread,
+2 workers x 4 threads, access log on): the platform, and a bare Flask app that reads the
+body and answers 200 (``partner-app web`` started from a folder whose ``wsgi.py`` is
+that bare app). A Python load generator (threads, one keep-alive ``http.client``
+connection each) sends deliveries signed like Stora's, 10% of them exact copies of an
+earlier delivery (Stora's retries). Phases:
+
+1. bare endpoint, saturated (closed loop, ``--connections``);
+2. the platform, saturated, while ``--workers`` real ``partner-app worker webhooks``
+   processes drain the inbox: **accepted deliveries/s** and the ratio to phase 1
+   (target >= 0.5);
+3. the platform at a fixed rate (``--rate``, default half of phase 2), workers still
+   draining the backlog: **p99 acknowledgement latency** (target <= 50 ms), measured
+   from each request's scheduled start so queueing delay is not hidden;
+4. the workers finish the backlog (at most ``--drain-seconds``): **drain rate**, events
+   processed per second, during the load phases and after them.
+
+Backends come from ``bench/harness.py`` (PostgreSQL and the machine's Redis db 12,
+flushed, when they answer; else SQLite and the embedded Redis; ``--sqlite`` forces
+SQLite). Everything it creates is removed on exit. No secret is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import psutil
+
+from bench.harness import ROOT, BenchEnv, _free_port
+from partner_app.stora.signatures import HEADER, sign
+
+EXAMPLE = ROOT / "tests" / "data" / "order-created-webhook.raw.json"
+DUPLICATE_RATIO = 0.10
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 50.0
+
+
+# -- the bare endpoint -------------------------------------------------------------------
+def create_bare_app():
+    """The floor: Flask on the same gunicorn, reading the body and answering 200."""
+    from flask import Flask, jsonify, request
+
+    app = Flask("bare")
+
+    @app.post("/webhooks/stora/<route_key>")
+    def receive(route_key: str):
+        request.get_data(cache=False)
+        return jsonify(received=True, duplicate=False), 200
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    return app
+
+
+def bare_site(workdir: Path) -> Path:
+    """A folder whose ``wsgi.py`` is the bare app, so ``partner-app web`` serves it."""
+    site = workdir / "bare"
+    site.mkdir()
+    (site / "wsgi.py").write_text("from bench.webhooks import create_bare_app\n\n"
+                                  "app = create_bare_app()\n")
+    return site
+
+
+# -- deliveries --------------------------------------------------------------------------
+class Deliveries:
+    """Thread-safe stream of (body, headers, duplicate?) signed for one endpoint.
+
+    New events are Stora's documented example with fresh event and order ids; a
+    duplicate is the exact bytes and header of one of the recent deliveries.
+    """
+
+    def __init__(self, secret: str, *, duplicate_ratio: float = DUPLICATE_RATIO,
+                 seed: int = 7):
+        document = json.loads(EXAMPLE.read_bytes())
+        document["event"]["id"] = "@EVENT@"
+        document["event"]["data"]["order"]["id"] = "@ORDER@"
+        self._template = json.dumps(document, separators=(",", ":"),
+                                    ensure_ascii=False).encode()
+        self._secret = secret
+        self._ratio = duplicate_ratio
+        self._random = random.Random(seed)
+        self._recent: deque[tuple[bytes, dict[str, str]]] = deque(maxlen=200)
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[bytes, dict[str, str], bool]:
+        with self._lock:
+            if self._recent and self._random.random() < self._ratio:
+                body, headers = self._random.choice(self._recent)
+                return body, headers, True
+        token = uuid.uuid4().hex[:16]
+        body = (self._template.replace(b"@EVENT@", f"evt_{token}".encode())
+                .replace(b"@ORDER@", f"order_{token}".encode()))
+        headers = {"Content-Type": "application/json", "User-Agent": "Stora-Webhooks/1.0",
+                   HEADER: sign(body, self._secret, int(time.time()))}
+        with self._lock:
+            self._recent.append((body, headers))
+        return body, headers, False
+
+
+def create_subscription(app) -> tuple[str, str]:
+    """An active operator and subscription (secret stored as the reconciler stores it);
+    returns (route path, secret)."""
+    from partner_app.connections.credentials import cipher_for_key, live_data_key
+    from partner_app.connections.models import Operator
+    from partner_app.db import db
+    from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE
+    from partner_app.webhooks.models import WebhookSubscription, new_route_key
+
+    vault = app.extensions["vault"]
+    secret, route_key = secrets.token_hex(32), new_route_key()
+    with app.app_context():
+        operator = Operator(name="Bench Webhooks Storage", status="active",
+                            stora_identity="name:Bench Webhooks Storage",
+                            connected_at=datetime.now(UTC))
+        db.session.add(operator)
+        db.session.flush()
+        key = live_data_key(operator, vault=vault)
+        db.session.add(WebhookSubscription(
+            operator_id=operator.id, route_key=route_key, status="active",
+            url=f"https://hooks.partner.test/webhooks/stora/{route_key}",
+            event_types=["order.created"], stora_endpoint_id="we_bench", data_key_id=key.id,
+            secret_ct=cipher_for_key(key, vault=vault).encrypt(SECRET_TABLE, SECRET_COLUMN,
+                                                               secret)))
+        db.session.commit()
+    return f"/webhooks/stora/{route_key}", secret
+
+
+# -- processes ---------------------------------------------------------------------------
+def _wait_http(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited")
+        with suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            conn.close()
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} never answered")
+
+
+@contextmanager
+def processes(commands: list[tuple[list[str], Path, Path]],
+              env: dict[str, str]) -> Iterator[list[subprocess.Popen]]:
+    """Start (argv, cwd, log) each; SIGTERM and reap them all on exit."""
+    procs, logs = [], []
+    try:
+        for argv, cwd, log_path in commands:
+            log = open(log_path, "w")  # noqa: SIM115 (closed below)
+            logs.append(log)
+            procs.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+
+
+def web_command(port: int, cwd: Path, log: Path) -> tuple[list[str], Path, Path]:
+    return ([sys.executable, "-m", "partner_app.cli", "web", "--port", str(port)], cwd, log)
+
+
+def worker_commands(count: int, logdir: Path) -> list[tuple[list[str], Path, Path]]:
+    return [([sys.executable, "-m", "partner_app.cli", "worker", "webhooks",
+              "--name", f"bench-webhooks-{os.getpid()}-{index}"], ROOT,
+             logdir / f"worker-{index}.log") for index in range(count)]
+
+
+# -- load --------------------------------------------------------------------------------
+@dataclass
+class Phase:
+    name: str
+    elapsed: float = 0.0
+    statuses: Counter = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    new_accepted: int = 0  # 200s for deliveries that were not duplicates
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used, per component
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, status: int, latency_ms: float, duplicate: bool) -> None:
+        with self.lock:
+            self.statuses[status] += 1
+            if status == 200:
+                self.latencies_ms.append(latency_ms)
+                self.new_accepted += not duplicate
+
+    @property
+    def accepted(self) -> int:
+        return self.statuses[200]
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.elapsed if self.elapsed else 0.0
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+class Client:
+    """One keep-alive connection; reconnects after an error (counted as status 0)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self.conn.request("POST", path, body=body, headers=headers)
+            response = self.conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = None
+            return 0
+
+
+def run_load(phase: Phase, port: int, path: str, deliveries: Deliveries, *,
+             connections: int, seconds: float, rate: float | None = None,
+             meter: CpuMeter | None = None) -> Phase:
+    """Closed loop (``rate`` None: each connection sends as fast as answers come) or
+    open loop at ``rate`` per second, latency counted from the scheduled start."""
+    cpu_before = meter.sample() if meter else {}
+    started = time.monotonic()
+    deadline = started + seconds
+    ticket = itertools.count()
+
+    def loop() -> None:
+        client = Client(port)
+        while True:
+            if rate is None:
+                scheduled = time.monotonic()
+                if scheduled >= deadline:
+                    break
+            else:
+                scheduled = started + next(ticket) / rate
+                if scheduled >= deadline:
+                    break
+                time.sleep(max(0.0, scheduled - time.monotonic()))
+            body, headers, duplicate = deliveries.next()
+            status = client.post(path, body, headers)
+            phase.record(status, (time.monotonic() - scheduled) * 1000, duplicate)
+        if client.conn is not None:
+            client.conn.close()
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 60)
+    phase.elapsed = time.monotonic() - started
+    if meter:
+        phase.cpu = CpuMeter.cores(cpu_before, meter.sample(), phase.elapsed)
+    return phase
+
+
+# -- drain -------------------------------------------------------------------------------
+class DrainWatch:
+    """Samples (time, processed events) from the database twice a second."""
+
+    def __init__(self, app):
+        self.app = app
+        self.samples: list[tuple[float, int, int]] = []  # (t, processed, stored)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DrainWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def counts(self) -> tuple[int, int]:
+        from sqlalchemy import func, select
+
+        from partner_app.db import db
+        from partner_app.webhooks.models import WebhookEvent
+
+        with self.app.app_context():
+            processed = db.session.scalar(select(func.count()).select_from(WebhookEvent)
+                                          .where(WebhookEvent.status == "processed"))
+            stored = db.session.scalar(select(func.count()).select_from(WebhookEvent))
+            return processed, stored
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), *self.counts()))
+            self._stop.wait(0.5)
+
+    def rate_between(self, start: float, end: float) -> float:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            return 0.0
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def drain_after_load(watch: DrainWatch, budget: float) -> tuple[float, int]:
+    """Wait until every stored event is processed (at most ``budget`` seconds); return
+    the processing rate over that wait and the backlog left."""
+    started = time.monotonic()
+    first, stored = watch.counts()
+    processed = first
+    while processed < stored and time.monotonic() - started < budget:
+        time.sleep(0.25)
+        processed, stored = watch.counts()
+    elapsed = time.monotonic() - started
+    return ((processed - first) / elapsed if elapsed > 0.25 else float("nan"),
+            stored - processed)
+
+
+def inbox_totals(app) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from partner_app.db import db
+    from partner_app.webhooks.models import WebhookEvent
+
+    with app.app_context():
+        rows = db.session.execute(select(WebhookEvent.status, func.count(),
+                                         func.sum(WebhookEvent.deliveries),
+                                         func.sum(WebhookEvent.attempts))
+                                  .group_by(WebhookEvent.status)).all()
+    totals = {"rows": 0, "deliveries": 0, "attempts": 0}
+    for status, rows_, deliveries, attempts in rows:
+        totals[status] = rows_
+        totals["rows"] += rows_
+        totals["deliveries"] += deliveries or 0
+        totals["attempts"] += attempts or 0
+    return totals
+
+
+# -- where the CPU goes -----------------------------------------------------------------
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process, its live descendants and the children it reaped (an
+    RQ worker's work-horses, PostgreSQL's exited backends)."""
+    total = 0.0
+    with suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += (times.user + times.system + times.children_user
+                          + times.children_system)
+    return total
+
+
+def _named_cpu(name: str) -> float:
+    """CPU seconds of every top-level process called ``name`` (with its tree)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "ppid"]):
+        with suppress(psutil.Error):
+            parent = psutil.Process(proc.info["ppid"]) if proc.info["ppid"] else None
+            if proc.info["name"] == name and (parent is None or parent.name() != name):
+                total += _tree_cpu(proc.pid)
+    return total
+
+
+class CpuMeter:
+    """Cores used per component between two ``sample`` calls."""
+
+    def __init__(self):
+        self.pids: dict[str, list[int]] = {}
+
+    def sample(self) -> dict[str, float]:
+        values = {group: sum(_tree_cpu(pid) for pid in pids)
+                  for group, pids in self.pids.items()}
+        values["postgres"] = _named_cpu("postgres")
+        values["redis"] = _named_cpu("redis-server")
+        # This process only: the servers and workers are its children, counted above.
+        own = psutil.Process().cpu_times()
+        values["load generator"] = own.user + own.system
+        return values
+
+    @staticmethod
+    def cores(before: dict[str, float], after: dict[str, float],
+              seconds: float) -> dict[str, float]:
+        return {group: (after[group] - before.get(group, 0.0)) / seconds
+                for group in after if seconds > 0}
+
+
+# -- report ------------------------------------------------------------------------------
+def _line(phase: Phase) -> str:
+    others = {k: v for k, v in phase.statuses.items() if k != 200}
+    cpu = ", ".join(f"{group} {cores:.2f}" for group, cores in phase.cpu.items()
+                    if cores >= 0.01)
+    return (f"  {phase.name:<32} {phase.rate:7.0f}/s  p50 {phase.percentile(50):6.1f} ms  "
+            f"p99 {phase.percentile(99):7.1f} ms"
+            + (f"  other answers {dict(others)}" if others else "")
+            + f"\n  {'':<32} cores used: {cpu}")
+
+
+@dataclass
+class Results:
+    bare: Phase
+    alone: Phase
+    draining: Phase
+    paced: Phase
+    drain_during: float
+    drain_after: float
+    backlog: int
+    totals: dict[str, int]
+
+    def consistent(self) -> bool:
+        """Every acknowledged new event stored once; every acknowledged delivery counted."""
+        phases = (self.alone, self.draining, self.paced)
+        return (self.totals["rows"] == sum(p.new_accepted for p in phases)
+                and self.totals["deliveries"] == sum(p.accepted for p in phases)
+                and self.totals.get("failed", 0) == 0)
+
+
+def report(args, backend: str, r: Results) -> tuple[str, bool]:
+    ratio = r.alone.rate / r.bare.rate if r.bare.rate else 0.0
+    ratio_draining = r.draining.rate / r.bare.rate if r.bare.rate else 0.0
+    p99 = r.paced.percentile(99)
+    verdict = {True: "PASS", False: "FAIL"}
+    lines = [
+        f"webhook receipt on {backend}; {os.cpu_count()} cores; partner-app web (gunicorn "
+        f"2 x 4 gthread); {args.connections} keep-alive connections; {args.workers} RQ "
+        f"workers; {DUPLICATE_RATIO:.0%} duplicates; {args.seconds:.0f} s per phase",
+        *(_line(phase) for phase in (r.bare, r.alone, r.draining, r.paced)),
+        f"  accepted/s vs bare endpoint        {ratio:.2f} (workers idle), "
+        f"{ratio_draining:.2f} (workers draining)   target >= {TARGET_RATIO}: "
+        f"{verdict[ratio >= TARGET_RATIO]}",
+        f"  p99 ack latency at {r.paced.rate:.0f}/s, draining  {p99:.1f} ms   target <= "
+        f"{TARGET_P99_MS:.0f} ms: {verdict[p99 <= TARGET_P99_MS]}",
+        f"  drain rate during load             {r.drain_during:.1f} events/s",
+        f"  drain rate after load              {r.drain_after:.1f} events/s"
+        + (f"  (backlog left after {args.drain_seconds:.0f} s: {r.backlog})"
+           if r.backlog else ""),
+        f"  inbox: {r.totals['rows']} events, {r.totals['deliveries']} deliveries, "
+        f"{r.totals.get('processed', 0)} processed, {r.totals.get('failed', 0)} failed, "
+        f"{r.totals['attempts']} processing attempts: "
+        + ("consistent with the acknowledgements" if r.consistent() else "INCONSISTENT"),
+    ]
+    good = ratio >= TARGET_RATIO and p99 <= TARGET_P99_MS and r.consistent()
+    return "\n".join(lines), good
+
+
+# -- main --------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=15, help="per load phase")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="paced phase rate (default: half the draining saturated rate)")
+    parser.add_argument("--workers", type=int, default=2, help="RQ worker processes")
+    parser.add_argument("--drain-seconds", type=float, default=40)
+    parser.add_argument("--sqlite", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    return parser.parse_args(argv)
+
+
+def measure(args, bench: BenchEnv, workdir: Path) -> Results:
+    app = bench.app()
+    path, secret = create_subscription(app)
+    deliveries = Deliveries(secret)  # the platform's phases share one duplicate memory
+    env = {**os.environ, **bench.env}
+    env.pop("PARTNER_FAILPOINTS", None)
+    bare_port, app_port = _free_port(), _free_port()
+    servers = [web_command(bare_port, bare_site(workdir), workdir / "bare.log"),
+               web_command(app_port, ROOT, workdir / "web.log")]
+    meter = CpuMeter()
+    load = partial(run_load, connections=args.connections, seconds=args.seconds,
+                   meter=meter)
+    # The bare server imports bench.webhooks from its own folder.
+    with processes(servers, {**env, "PYTHONPATH": str(ROOT)}) as (bare_proc, app_proc):
+        _wait_http(bare_port, bare_proc)
+        _wait_http(app_port, app_proc)
+        meter.pids["bare web"] = [bare_proc.pid]
+        meter.pids["web"] = [app_proc.pid]
+        print("bare endpoint…", file=sys.stderr)
+        bare = load(Phase("bare endpoint, saturated"), bare_port, path, Deliveries(secret))
+        print("platform, saturated, no workers…", file=sys.stderr)
+        alone = load(Phase("platform, saturated"), app_port, path, deliveries)
+        with DrainWatch(app) as watch, \
+                processes(worker_commands(args.workers, workdir), env) as workers:
+            meter.pids["workers"] = [proc.pid for proc in workers]
+            load_started = time.monotonic()
+            print("platform, saturated, workers draining…", file=sys.stderr)
+            draining = load(Phase("platform, saturated, draining"), app_port, path,
+                            deliveries)
+            rate = args.rate or max(1.0, draining.rate / 2)
+            print(f"platform at {rate:.0f}/s, workers draining…", file=sys.stderr)
+            paced = load(Phase("platform, paced, draining"), app_port, path, deliveries,
+                         rate=rate)
+            load_ended = time.monotonic()
+            print("workers draining the rest…", file=sys.stderr)
+            drain_after, backlog = drain_after_load(watch, args.drain_seconds)
+        totals = inbox_totals(app)
+    return Results(bare, alone, draining, paced,
+                   drain_during=watch.rate_between(load_started, load_ended),
+                   drain_after=drain_after, backlog=backlog, totals=totals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+    bench = BenchEnv(str(workdir))
+    if args.sqlite:
+        bench.backend = "sqlite"
+    try:
+        with bench:
+            results = measure(args, bench, workdir)
+            backend = bench.backend + " + " + ("redis" if "REDIS_URL" in bench.env
+                                               else "embedded redis")
+        text, good = report(args, backend, results)
+        print(text)
+        return 0 if good else 1
+    finally:
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""T-13 (reliability.md §8): a sync job's process dies mid-job; RQ delivers the job
+again and its effect is applied once: one row per Stora order, resumed from the cursor.
+
+1. The work-horse is SIGKILLed; the real ``partner-app worker`` notices at once, and
+   its ``Retry`` re-delivers the job through the worker's scheduler.
+2. The whole worker (and horse) is SIGKILLed; RQ's maintenance finds the job abandoned
+   once its heartbeat lapses and retries it, and a fresh worker runs it. The heartbeat
+   TTL is at least 60 s and the dead scheduler's lock 61 s, so the test runs RQ's own
+   maintenance step with its clock moved past them instead of waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import redis
+from rq.registry import StartedJobRegistry
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+from sqlalchemy import func, select
+
+from partner_app.db import db
+from partner_app.queueing import QUEUE_SYNC, get_queue, get_redis
+from partner_app.sync import jobs as sync_jobs
+from partner_app.sync.models import SyncedOrder, SyncRunItem
+from partner_app.sync.services import start_sync
+from tests.conftest import (
+    ROOT,
+    TEST_CLIENT_ID,
+    TEST_CLIENT_SECRET,
+    TEST_ENCRYPTION_KEYS,
+    _truncate_all,
+)
+from tests.integration.test_sync import connect_direct, order_requests
+
+pytestmark = pytest.mark.e2e
+
+ORDERS = 600  # 7 pages of 100
+LATENCY_MS = 250
+
+
+@pytest.fixture
+def world(app, backend_urls, sandbox, tmp_path) -> Iterator[dict]:
+    """A fresh sandbox, database and Redis, and a way to start real workers."""
+    sandbox.reset()
+    sandbox.register_redirect(app.extensions["settings"].redirect_uri)
+    _truncate_all(app)
+    with app.app_context():
+        get_redis(app).flushdb()
+    env = {**os.environ, "APP_ENV": "test", "DATABASE_URL": backend_urls["database_url"],
+           "INSTANCE_PATH": backend_urls["instance"],
+           "SECRET_KEY": "insecure-e2e-secret-key-0123456789",
+           "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS, "STORA_CLIENT_ID": TEST_CLIENT_ID,
+           "STORA_CLIENT_SECRET": TEST_CLIENT_SECRET, "STORA_API_BASE": sandbox.base_url,
+           "PUBLIC_BASE_URL": "http://127.0.0.1:5999", "LOG_LEVEL": "INFO"}
+    if backend_urls["redis_url"]:
+        env["REDIS_URL"] = backend_urls["redis_url"]
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start_worker(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed at teardown)
+        logs.append(log)
+        proc = subprocess.Popen([sys.executable, "-m", "partner_app.cli", "worker", QUEUE_SYNC,
+                                 "--name", f"{name}-{os.getpid()}"],
+                                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    with app.app_context():
+        yield {"start_worker": start_worker, "app": app, "logs": tmp_path}
+        db.session.remove()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for log in logs:
+        log.close()
+    sandbox.admin("PATCH", "config", json={"latency_ms": 0})
+    _truncate_all(app)
+
+
+def _operator_with_orders(app, sandbox) -> tuple[int, str]:
+    created = sandbox.admin("POST", "operators", json={"name": "Killed Worker Storage",
+                                                        "orders": ORDERS, "sites": 2})
+    return connect_direct(app, sandbox, created["id"]), created["id"]
+
+
+def _item(run_id: int, operator_id: int) -> SyncRunItem:
+    db.session.expire_all()
+    item = db.session.scalars(select(SyncRunItem).where(
+        SyncRunItem.run_id == run_id, SyncRunItem.operator_id == operator_id)).one()
+    db.session.rollback()
+    return item
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _horse_of(worker: subprocess.Popen) -> psutil.Process:
+    """The worker's work-horse: the child that leads its own process group (RQ's
+    horse calls setpgrp); the scheduler child shares the worker's group."""
+    def find():
+        for child in psutil.Process(worker.pid).children():
+            try:
+                if os.getpgid(child.pid) == child.pid:
+                    return child
+            except ProcessLookupError:
+                continue
+        return None
+    return _wait(find, 10, "the work-horse")
+
+
+def _start_run(operator_id: int) -> int:
+    run = start_sync("orders", requested_by="t13", operator_id=operator_id,
+                     record_timeline=False)
+    db.session.commit()
+    return run.id
+
+
+def _assert_applied_once(run_id: int, operator_id: int, sandbox, since: int) -> SyncRunItem:
+    item = _wait(lambda: (lambda i: i if i.status in ("succeeded", "failed") else None)(
+        _item(run_id, operator_id)), 40, "the item to settle")
+    assert item.status == "succeeded", item.error
+    rows = db.session.scalar(select(func.count()).select_from(SyncedOrder))
+    distinct = db.session.scalar(select(func.count(func.distinct(SyncedOrder.stora_id))))
+    db.session.rollback()
+    assert rows == distinct == ORDERS
+    # Resumed from the cursor: far fewer requests than two full walks.
+    requests_made = len(order_requests(sandbox, since))
+    assert requests_made <= 7 + 2, requests_made
+    return item
+
+
+def test_a_killed_work_horse_is_retried_and_resumes_from_the_cursor(world, sandbox):
+    app = world["app"]
+    operator_id, _ = _operator_with_orders(app, sandbox)
+    sandbox.admin("PATCH", "config", json={"latency_ms": LATENCY_MS})
+    since = sandbox.requests_log()[-1]["seq"]
+    worker = world["start_worker"]("t13-horse")
+    run_id = _start_run(operator_id)
+
+    _wait(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
+    horse = _horse_of(worker)
+    horse.send_signal(signal.SIGKILL)
+    pages_at_kill = _item(run_id, operator_id).pages
+
+    item = _assert_applied_once(run_id, operator_id, sandbox, since)
+    assert worker.poll() is None  # the worker survived its horse
+    assert item.attempts == 2 and item.pages >= pages_at_kill
+    job = get_queue(QUEUE_SYNC).fetch_job(sync_jobs.job_id(run_id, operator_id))
+    assert job.retries_left == sync_jobs.SYNC_RETRY.max - 1
+    assert "Work-horse terminated unexpectedly" in \
+        (world["logs"] / "t13-horse.log").read_text()
+
+
+def test_a_killed_worker_is_recovered_by_maintenance(world, sandbox, monkeypatch):
+    app = world["app"]
+    operator_id, _ = _operator_with_orders(app, sandbox)
+    sandbox.admin("PATCH", "config", json={"latency_ms": LATENCY_MS})
+    since = sandbox.requests_log()[-1]["seq"]
+    first = world["start_worker"]("t13-dead")
+    run_id = _start_run(operator_id)
+    _wait(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
+    horse = _horse_of(first)
+    os.killpg(first.pid, signal.SIGKILL)  # the worker and its scheduler
+    horse.send_signal(signal.SIGKILL)
+    first.wait(10)
+
+    # What a surviving worker's maintenance does once the dead one's heartbeat lapsed.
+    connection: redis.Redis = get_redis(app)
+    queue = get_queue(QUEUE_SYNC)
+    heartbeat_ttl = 30 + 60 + 60
+    StartedJobRegistry(QUEUE_SYNC, connection=connection, serializer=JSONSerializer
+                       ).cleanup(timestamp=time.time() + heartbeat_ttl)
+    job = queue.fetch_job(sync_jobs.job_id(run_id, operator_id))
+    assert job.get_status() == "scheduled" and job.retries_left == sync_jobs.SYNC_RETRY.max - 1
+    # The dead worker's scheduler lock would lapse after 61 s.
+    connection.delete(RQScheduler.get_locking_key(QUEUE_SYNC))
+
+    world["start_worker"]("t13-fresh")
+    item = _assert_applied_once(run_id, operator_id, sandbox, since)
+    assert item.attempts == 2
