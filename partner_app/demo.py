@@ -1,7 +1,7 @@
 """``partner-app demo``: the whole platform on embedded defaults, in one command.
 
-Starts the local Stora (seeded with three operators), the web app and one worker with
-its scheduler, on a SQLite file and the embedded Redis unless DATABASE_URL/REDIS_URL
+Starts the local Stora (seeded with three operators), the web app, one worker with
+its scheduler and the cron scheduler (token refresh, syncs, webhook repair, sweepers), on a SQLite file and the embedded Redis unless DATABASE_URL/REDIS_URL
 say otherwise. Throwaway secrets are generated once into ``instance/demo.env`` (mode
 0600, git-ignored) so a restart can still decrypt what the last run stored.
 """
@@ -122,6 +122,7 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
             [*cli, "web", "--port", str(web_port), "--workers", "2"], env=env)))
         procs.append(("worker", subprocess.Popen([*cli, "worker", "--name",
                                                   f"demo-{os.getpid()}"], env=env)))
+        procs.append(("cron", subprocess.Popen([*cli, "cron"], env=env)))
         _wait_http(f"{stora}/_sandbox/health", procs[0][1], 30)
         _wait_http(f"{public}/healthz", procs[1][1], 30)
         link = subprocess.run([*cli, "links", "create", "--ttl", "1d", "--note", "demo"],

@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 from flask import current_app
-from rq import Retry
+from rq import RateLimit, Retry
 from rq.job import get_current_job
 from sqlalchemy import update
 
@@ -38,8 +38,6 @@ def enqueue_after_commit_for(event_id: int, operator_id: int) -> None:
     The job shares the operator's concurrency key with every other job that calls
     Stora for that operator, so it never overlaps the operator's sync.
     """
-    from rq import RateLimit
-
     enqueue_after_commit(RECORD_EVENT, event_id, queue=QUEUE_DEFAULT, job_id=job_id(event_id),
                          retry=TIMELINE_RETRY, failure_ttl=7 * 86400,
                          rate_limit=RateLimit(key=f"operator:{operator_id}", concurrency=1))
