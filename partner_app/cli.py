@@ -227,6 +227,7 @@ def web(host: str, port: int, workers: int) -> None:
         # %(U)s is the path without the query string: the callback's code and state
         # must never reach a log.
         "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
+        "--logger-class", "partner_app.access_log.RedactingLogger",
         "--graceful-timeout", "10", "--no-control-socket"])
 
 

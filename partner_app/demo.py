@@ -1,9 +1,10 @@
 """``partner-app demo``: the whole platform on embedded defaults, in one command.
 
-Starts the local Stora (seeded with three operators), the web app, one worker with
-its scheduler and the cron scheduler (token refresh, syncs, webhook repair, sweepers), on a SQLite file and the embedded Redis unless DATABASE_URL/REDIS_URL
-say otherwise. Throwaway secrets are generated once into ``instance/demo.env`` (mode
-0600, git-ignored) so a restart can still decrypt what the last run stored.
+Starts the local Stora (seeded with three operators), the web app, one worker with its
+scheduler and the cron scheduler (token refresh, syncs, webhook repair, sweepers), on a
+SQLite file and the embedded Redis unless DATABASE_URL/REDIS_URL say otherwise.
+Throwaway secrets are generated once into ``instance/demo.env`` (mode 0600,
+git-ignored) so a restart can still decrypt what the last run stored.
 """
 
 from __future__ import annotations

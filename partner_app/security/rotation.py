@@ -50,6 +50,7 @@ from partner_app.security.vault import (
     Vault,
     VaultError,
 )
+from partner_app.webhooks.models import WebhookSubscription
 
 log = logging.getLogger(__name__)
 
@@ -378,9 +379,15 @@ def _destroy_if_unreferenced(old: _KeyRef, report: RotationReport) -> None:
                        .where(Credential.operator_id == old.operator_id).with_for_update())
     db.session.execute(select(DataKey.id).where(DataKey.id == old.id).with_for_update())
     referenced = select(Credential.id).where(Credential.data_key_id == old.id).exists()
+    # Webhook signing secrets are not re-encrypted by this rotation yet: a key that still
+    # protects one stays alive (it is re-wrapped like any other) rather than shredded.
+    protects_secret = select(WebhookSubscription.id).where(
+        WebhookSubscription.data_key_id == old.id,
+        WebhookSubscription.secret_ct.is_not(None)).exists()
     result = db.session.execute(
         update(DataKey)
-        .where(DataKey.id == old.id, DataKey.destroyed_at.is_(None), ~referenced)
+        .where(DataKey.id == old.id, DataKey.destroyed_at.is_(None), ~referenced,
+               ~protects_secret)
         .values(destroyed_at=utcnow(), wrapped_key=None, version=DataKey.version + 1)
         .execution_options(synchronize_session=False))
     if result.rowcount == 1:

@@ -487,3 +487,28 @@ def test_rotation_concurrent_with_token_writes_loses_nothing(
             access, refresh = _stored_tokens(operator_id, new_vault)
             assert access == last_written[operator_id]
             assert refresh == last_written[operator_id].replace("access-", "refresh-")
+
+
+def test_new_data_keys_keep_a_key_that_still_protects_a_webhook_secret(
+        app_ctx, rotated_app, old_vault, new_vault):
+    from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE, subscription_secret
+    from partner_app.webhooks.models import WebhookSubscription
+
+    (operator_id,) = _connect(old_vault, 1)
+    key = db.session.scalars(select(DataKey).where(DataKey.operator_id == operator_id)).one()
+    cipher = old_vault.cipher_for(operator_id=operator_id, data_key_id=key.id,
+                                  wrapped_key=key.wrapped_key)
+    sub = WebhookSubscription(operator_id=operator_id, url="https://p.example/w",
+                              status="active", data_key_id=key.id,
+                              secret_ct=cipher.encrypt(SECRET_TABLE, SECRET_COLUMN, "whsec-1"))
+    db.session.add(sub)
+    db.session.commit()
+
+    report = _rotate(rotated_app, new_data_keys=True)
+
+    assert report.destroyed_keys == 0
+    db.session.expire_all()
+    kept = db.session.get(DataKey, key.id)
+    assert kept.destroyed_at is None and kept.wrapped_key is not None
+    assert subscription_secret(db.session.get(WebhookSubscription, sub.id),
+                               vault=new_vault) == "whsec-1"

@@ -34,3 +34,16 @@ def test_filter_masks_args_and_extra_fields():
 def test_ordinary_text_is_untouched():
     text = "operator op_1234 connected with 3 sites"
     assert redact(text) == text
+
+
+@pytest.mark.parametrize(("path", "kept"), [
+    ("/install/6bQ2xyzSECRET", "/install/[redacted]"),
+    ("/webhooks/stora/routeKEY123", "/webhooks/stora/[redacted]"),
+    ("/install/result", "/install/result"),
+    ("/install", "/install"),
+    ("/oauth/callback", "/oauth/callback"),
+])
+def test_access_log_masks_secrets_in_paths(path, kept):
+    from partner_app.access_log import redact_path
+
+    assert redact_path(path) == kept
