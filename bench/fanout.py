@@ -177,6 +177,19 @@ def workers(env: dict[str, str], count: int, logdir: Path) -> Iterator[list[subp
             log.close()
 
 
+def _wait_until_registered(app, count: int, procs: list[subprocess.Popen]) -> None:
+    from rq import Worker
+
+    from partner_app.queueing import get_redis
+
+    deadline = time.monotonic() + 120
+    while Worker.count(connection=get_redis(app)) < count:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError("the workers did not start")
+        time.sleep(0.1)
+    time.sleep(0.5)  # past registration: the scheduler and pub/sub threads are up
+
+
 def _progress(total: int):
     from tqdm import tqdm
 
@@ -216,7 +229,7 @@ def run_sync(app, bench: BenchEnv, count: int, logdir: Path,
     from partner_app.sync.services import start_sync
 
     with workers(bench.env, count, logdir) as procs:
-        time.sleep(3)  # let them import and register (not part of the measurement)
+        _wait_until_registered(app, count, procs)  # start-up is not part of the run
         since_seq = bench.request_seq()
         sandbox_pid = bench._sandbox.pid  # for its CPU time only
         cpu_before = sum(_cpu_seconds(p.pid) for p in procs), _cpu_seconds(sandbox_pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from argon2 import PasswordHasher
@@ -15,8 +16,13 @@ from partner_app.extensions import login_manager
 from partner_app.security.models import StaffUser
 
 _hasher = PasswordHasher()
-# Verified when the e-mail is unknown, so both paths take the same time.
-_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified when the e-mail is unknown, so both paths take the same time. Made on
+    first sign-in, not at import: argon2 takes 64 MiB, which every worker would keep."""
+    return _hasher.hash("not-a-real-password")
 
 
 class StaffError(Exception):
@@ -49,7 +55,7 @@ def authenticate(email: str, password: str) -> StaffUser | None:
     user = db.session.scalars(
         select(StaffUser).where(StaffUser.email == normalise_email(email))).one_or_none()
     try:
-        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+        _hasher.verify(user.password_hash if user else _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
     if user is None or not user.active:
