@@ -157,14 +157,9 @@ def operators_disconnect(operator_ref: str, no_revoke: bool) -> None:
 
 
 def _find_operator(ref: str):
-    from sqlalchemy import select
+    from partner_app.connections.lookup import operator_by_ref
 
-    from partner_app.connections.models import Operator
-    from partner_app.db import db
-
-    operator = db.session.scalars(select(Operator).where(
-        (Operator.public_id == ref) |
-        (Operator.id == (int(ref) if ref.isdigit() else -1)))).one_or_none()
+    operator = operator_by_ref(ref)
     if operator is None:
         raise click.ClickException(f"no operator {ref!r}")
     return operator

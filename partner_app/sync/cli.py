@@ -14,6 +14,7 @@ import click
 from flask.cli import AppGroup
 from sqlalchemy import select
 
+from partner_app.connections.lookup import operator_by_ref
 from partner_app.db import db
 from partner_app.sync.models import ItemStatus, RunStatus, SyncRun
 from partner_app.sync.services import SYNC_NAMES, SyncError, items_of, start_sync
@@ -24,14 +25,11 @@ POLL_SECONDS = 0.5
 
 
 def _operator_id(ref: str) -> int:
-    from partner_app.connections.models import Operator
-
-    operator = db.session.scalars(select(Operator).where(
-        (Operator.public_id == ref) |
-        (Operator.id == (int(ref) if ref.isdigit() else -1)))).one_or_none()
+    operator = operator_by_ref(ref)
     if operator is None:
         raise click.ClickException(f"no operator {ref!r}")
-    return operator.id
+    operator_id = operator.id
+    return operator_id
 
 
 @sync.command("run")

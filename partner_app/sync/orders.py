@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from partner_app.db import UTCDateTime, db, utcnow
+from partner_app.db import UTCDateTime, db, insert_for, utcnow
 from partner_app.stora.client import MAX_PAGE_SIZE, StoraClient
 from partner_app.stora.errors import ApiError
 from partner_app.sync.models import SyncCursor, SyncedOrder
@@ -82,17 +82,6 @@ def parse_time(value: Any) -> datetime | None:
 
 def format_time(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
-
-
-def insert_for(model):
-    """``INSERT … ON CONFLICT`` for the session's database (PostgreSQL or SQLite);
-    ``model`` is a mapped class or a table."""
-    dialect = db.session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(model)
-    if dialect == "sqlite":
-        return sqlite.insert(model)
-    raise NotImplementedError(f"no upsert for {dialect}")
 
 
 # -- cursor ------------------------------------------------------------------------------

@@ -25,9 +25,8 @@ from typing import Any
 
 import redis as redis_lib
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from partner_app.db import db, utcnow
+from partner_app.db import db, insert_for, utcnow
 from partner_app.stora.client import StoraClient
 from partner_app.stora.errors import ApiError, StoraError
 from partner_app.timeline.models import EventStatus, TimelineEvent
@@ -53,11 +52,6 @@ class Targets:
     templates: dict[str, str]  # template name -> aetpl_ id
 
 
-def _insert(model):
-    dialect = db.session.get_bind().dialect.name
-    return (postgresql if dialect == "postgresql" else sqlite).insert(model)
-
-
 def idempotency_key(operator_id: int, action_key: str, generation: int) -> str:
     """A UUID that is the same for every retry of one action (one generation)."""
     return str(uuid.uuid5(_KEY_NAMESPACE, f"{operator_id}\x1f{action_key}\x1f{generation}"))
@@ -78,7 +72,7 @@ def create_event(operator_id: int, action_key: str, *, template: str,
     request = {"template": template, "variables": dict(variables),
                "related": dict(related or {}), "description": description,
                "external": dict(external) if external else None}
-    stmt = _insert(TimelineEvent).values(
+    stmt = insert_for(TimelineEvent).values(
         operator_id=operator_id, action_key=action_key[:200], request=request,
         status=EventStatus.PENDING, attempts=0, key_generation=0,
         created_at=now or utcnow(),

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 from flask.cli import AppGroup
-from sqlalchemy import select
 
+from partner_app.connections.lookup import operator_by_ref
 from partner_app.db import db
 from partner_app.stora.errors import RateLimited, RateLimitWait, StoraError
 
@@ -20,11 +20,7 @@ webhooks = AppGroup("webhooks", help="Webhook subscriptions at Stora and the web
 
 
 def _operator_id(ref: str) -> int:
-    from partner_app.connections.models import Operator
-
-    operator = db.session.scalars(select(Operator).where(
-        (Operator.public_id == ref) |
-        (Operator.id == (int(ref) if ref.isdigit() else -1)))).one_or_none()
+    operator = operator_by_ref(ref)
     if operator is None:
         raise click.ClickException(f"no operator {ref!r}")
     operator_id = operator.id
