@@ -39,6 +39,7 @@ from flask.cli import with_appcontext
 from redis import Redis
 from rq import cron_job_registry
 from rq.cron import CronJob, CronScheduler
+from rq.exceptions import StopRequested
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
@@ -209,7 +210,12 @@ def cron(orders_every: timedelta, sweep_every: timedelta, refresh_every: timedel
     click.echo(f"cron ready: {scheduler.name}, jobs="
                + ",".join(job.func_name.rsplit(".", 1)[-1] for job in scheduler.get_jobs()),
                err=True)
-    scheduler.start()
+    try:
+        scheduler.start()
+    except StopRequested:
+        # A second stop signal (Ctrl-C reaches the whole process group, then the
+        # launcher asks again) while already shutting down: stopping is what we want.
+        click.echo("cron stopped", err=True)
 
 
 def main() -> None:
