@@ -15,7 +15,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the web/worker/CLI application from settings (default: the environment)."""
     from partner_app import queueing
     from partner_app.connections.views import bp as connections_bp
-    from partner_app.dashboard.views import bp as dashboard_bp
+    from partner_app.dashboard import bp as dashboard_bp
     from partner_app.extensions import csrf, db, login_manager, migrate
     from partner_app.logging import configure_logging
     from partner_app.security import staff

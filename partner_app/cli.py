@@ -173,17 +173,19 @@ def staff() -> None:
 
 @staff.command("create")
 @click.argument("email")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), default="admin",
+              show_default=True, help="Admins run actions; viewers only look.")
 @click.password_option(prompt="Password (min. 12 characters)")
-def staff_create(email: str, password: str) -> None:
+def staff_create(email: str, role: str, password: str) -> None:
     from partner_app.db import db
     from partner_app.security.staff import StaffError, create_staff
 
     try:
-        create_staff(email, password, actor="cli")
+        create_staff(email, password, role=role, actor="cli")
     except StaffError as exc:
         raise click.ClickException(str(exc)) from None
     db.session.commit()
-    click.echo(f"created staff account {email}")
+    click.echo(f"created {role} account {email}")
 
 
 # -- sync ------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
             f"ready in {elapsed:.1f}s",
             f"  install link (public):      {public}/install",
             f"  install link (single-use):  {link}",
-            f"  staff dashboard:            {public}/dashboard/",
+            f"  staff dashboard:            {public}/staff/",
             f"  staff login:                {DEMO_STAFF_EMAIL} / "
             f"{settings_env['DEMO_STAFF_PASSWORD']}",
             f"  local Stora (sandbox):      {stora}  (admin API under /_sandbox/)",

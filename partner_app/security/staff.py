@@ -33,8 +33,13 @@ def normalise_email(email: str) -> str:
     return email.strip().lower()
 
 
-def create_staff(email: str, password: str, *, actor: str) -> StaffUser:
+ROLES = ("admin", "viewer")
+
+
+def create_staff(email: str, password: str, *, role: str = "viewer", actor: str) -> StaffUser:
     """Add a staff account (flush only). Raises StaffError on bad input or a duplicate."""
+    if role not in ROLES:
+        raise StaffError(f"role must be one of {', '.join(ROLES)}")
     email = normalise_email(email)
     if "@" not in email or len(email) > 254:
         raise StaffError("a valid e-mail address is required")
@@ -42,11 +47,11 @@ def create_staff(email: str, password: str, *, actor: str) -> StaffUser:
         raise StaffError("the password must be at least 12 characters")
     if db.session.scalar(select(func.count()).where(StaffUser.email == email)):
         raise StaffError(f"{email} already has an account")
-    user = StaffUser(email=email, password_hash=_hasher.hash(password))
+    user = StaffUser(email=email, password_hash=_hasher.hash(password), role=role)
     db.session.add(user)
     db.session.flush()
     audit.record("staff.created", actor_type="staff" if actor != "cli" else "system",
-                 actor=actor, staff_id=user.id, email=email)
+                 actor=actor, staff_id=user.id, email=email, role=role)
     return user
 
 

@@ -59,8 +59,8 @@ def test_operator_installs_in_a_browser_and_staff_sees_it_on_the_dashboard(stack
                    input=f"{STAFF_PASSWORD}\n{STAFF_PASSWORD}\n", text=True, env=stack["env"],
                    cwd=ROOT, check=True, capture_output=True)
     staff = browser.new_page()
-    staff.goto(f"{stack['public']}/dashboard/")
-    assert "/dashboard/login" in staff.url
+    staff.goto(f"{stack['public']}/staff/")
+    assert "/staff/login" in staff.url
     staff.fill("input[name=email]", STAFF_EMAIL)
     staff.fill("input[name=password]", STAFF_PASSWORD)
     staff.click("button[type=submit]")
