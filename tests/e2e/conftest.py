@@ -21,7 +21,8 @@ from tests.conftest import (
 )
 
 
-def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Return once ``url`` answers at all; fail if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"process for {url} exited with {proc.returncode}"
@@ -65,7 +66,7 @@ def stack(backend_urls, sandbox, tmp_path, app):
     worker = subprocess.Popen([*cli, "worker", "--name", f"e2e-{os.getpid()}"], env=env,
                               cwd=ROOT, stdout=handles["worker"], stderr=subprocess.STDOUT)
     try:
-        _wait_for(f"{public}/healthz", web)
+        wait_for_http(f"{public}/healthz", web)
         yield {"public": public, "env": env, "logs": logs, "web": web, "worker": worker}
     finally:
         for proc in (web, worker):

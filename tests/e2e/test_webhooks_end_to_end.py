@@ -44,6 +44,7 @@ from tests.conftest import (
     free_port,
 )
 from tests.consent import consent
+from tests.e2e.conftest import wait_for_http
 from tests.e2e.test_install_end_to_end import _database_bytes, _embedded_url, _redis_bytes
 
 pytestmark = pytest.mark.e2e
@@ -53,18 +54,6 @@ ORDERS_PER_OPERATOR = 100
 DEADLINE_SECONDS = 240  # typically 31-36 s; generous for a loaded 2-core CI machine
 WORKERS = 2
 RAISED_PER_MINUTE = 600
-
-
-def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process for {url} exited with {proc.returncode}"
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
 
 
 @pytest.fixture
@@ -107,7 +96,7 @@ def world(backend_urls, sandbox, tmp_path, app) -> Iterator[dict[str, Any]]:
         return spawn(name, ["worker", "--name", f"{name}-{os.getpid()}"])
 
     try:
-        _wait_for_http(f"{public}/healthz", web)
+        wait_for_http(f"{public}/healthz", web)
         yield {"public": public, "start_worker": start_worker, "logs": tmp_path,
                "redis_url": redis_url}
     finally:
