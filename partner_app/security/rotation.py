@@ -9,7 +9,8 @@ on every node (the old one stays listed so existing ciphertexts still open), the
   as they are: one small write per operator.
 * **New data keys** (``new_data_keys=True``). Every operator whose live data key has
   ever been wrapped by a kid other than the active one gets a fresh data key; its
-  credential ciphertexts are re-encrypted under it, and the old data key is destroyed
+  credential ciphertexts and webhook signing secrets are re-encrypted under it, and the
+  old data key is destroyed
   once nothing references it. Use it when an old root key may have leaked: a re-wrap
   alone would leave the data keys that key once protected in service.
 
@@ -50,15 +51,17 @@ from partner_app.security.vault import (
     Vault,
     VaultError,
 )
+from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE
 from partner_app.webhooks.models import WebhookSubscription
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 
-# Every column holding a ciphertext under an operator's data key. A data key is
-# destroyed only when no row of ``credentials`` references it; a new table encrypted
-# with data keys must be added to both the re-encryption and that check.
+# Every column holding a ciphertext under an operator's data key: these and
+# ``webhook_subscriptions.secret_ct``. A data key is destroyed only when no row of either
+# table references it; a new table encrypted with data keys must be added to both the
+# re-encryption and that check.
 CREDENTIAL_CT_COLUMNS = ("access_token_ct", "refresh_token_ct")
 # How often one credential is re-read and retried when a concurrent write trips the
 # fence before the operator is left for the next run.
@@ -276,7 +279,9 @@ def _replace_data_keys(vault: Vault, batch_size: int, report: RotationReport,
         # Re-encrypt the whole batch before destroying anything: a writer that picked
         # an old key just before its replacement appeared has the longest possible time
         # to finish (its write then keeps the old key alive, see _destroy_if_unreferenced).
-        released = [old for old in old_keys if _move_credential_off(old, vault, report)]
+        released = [old for old in old_keys
+                    if _move_credential_off(old, vault, report)
+                    and _move_secrets_off(old, vault, report)]
         for old in released:
             _destroy_if_unreferenced(old, report)
         _batch_done("data_keys", len(batch), report, progress)
@@ -351,6 +356,50 @@ def _move_credential_off(old: _KeyRef, vault: Vault, report: RotationReport) -> 
     return False
 
 
+def _move_secrets_off(old: _KeyRef, vault: Vault, report: RotationReport) -> bool:
+    """Re-encrypt the operator's webhook signing secrets from ``old`` to its replacement.
+
+    The fence is the ciphertext itself: a subscription whose secret changed (a new
+    endpoint, a disable) since we read it is left alone and re-read by the next run.
+    Returns True when no secret references ``old`` any more.
+    """
+    rows = db.session.execute(
+        select(WebhookSubscription.id, WebhookSubscription.secret_ct)
+        .where(WebhookSubscription.data_key_id == old.id,
+               WebhookSubscription.secret_ct.is_not(None))).all()
+    if not rows:
+        db.session.commit()
+        return True
+    target = _replacement_for(old.operator_id, vault, report)
+    moved = 0
+    try:
+        old_cipher = vault.cipher_for(operator_id=old.operator_id, data_key_id=old.id,
+                                      wrapped_key=old.wrapped_key)
+        new_cipher = vault.cipher_for(operator_id=target.operator_id, data_key_id=target.id,
+                                      wrapped_key=target.wrapped_key)
+        for row in rows:
+            secret = old_cipher.decrypt(SECRET_TABLE, SECRET_COLUMN, row.secret_ct)
+            result = db.session.execute(
+                update(WebhookSubscription)
+                .where(WebhookSubscription.id == row.id,
+                       WebhookSubscription.data_key_id == old.id,
+                       WebhookSubscription.secret_ct == row.secret_ct)
+                .values(data_key_id=target.id,
+                        secret_ct=new_cipher.encrypt(SECRET_TABLE, SECRET_COLUMN, secret))
+                .execution_options(synchronize_session=False))
+            moved += result.rowcount
+    except VaultError as exc:
+        db.session.rollback()
+        _unreadable(report, SECRET_TABLE, rows[0].id, exc)
+        return False
+    db.session.commit()
+    report.reencrypted += moved
+    if moved < len(rows):
+        report.fence_retries += len(rows) - moved
+        return False
+    return True
+
+
 def _reencrypted(credential: Row[Any], old: OperatorCipher,
                  new: OperatorCipher) -> dict[str, str | None]:
     values: dict[str, str | None] = {}
@@ -379,8 +428,8 @@ def _destroy_if_unreferenced(old: _KeyRef, report: RotationReport) -> None:
                        .where(Credential.operator_id == old.operator_id).with_for_update())
     db.session.execute(select(DataKey.id).where(DataKey.id == old.id).with_for_update())
     referenced = select(Credential.id).where(Credential.data_key_id == old.id).exists()
-    # Webhook signing secrets are not re-encrypted by this rotation yet: a key that still
-    # protects one stays alive (it is re-wrapped like any other) rather than shredded.
+    # A secret stored under the old key after _move_secrets_off read the table (a new
+    # endpoint created meanwhile) keeps the key alive until the next run moves it.
     protects_secret = select(WebhookSubscription.id).where(
         WebhookSubscription.data_key_id == old.id,
         WebhookSubscription.secret_ct.is_not(None)).exists()

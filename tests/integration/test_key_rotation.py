@@ -489,7 +489,7 @@ def test_rotation_concurrent_with_token_writes_loses_nothing(
             assert refresh == last_written[operator_id].replace("access-", "refresh-")
 
 
-def test_new_data_keys_keep_a_key_that_still_protects_a_webhook_secret(
+def test_new_data_keys_move_webhook_secrets_then_shred_the_old_key(
         app_ctx, rotated_app, old_vault, new_vault):
     from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE, subscription_secret
     from partner_app.webhooks.models import WebhookSubscription
@@ -504,11 +504,68 @@ def test_new_data_keys_keep_a_key_that_still_protects_a_webhook_secret(
     db.session.add(sub)
     db.session.commit()
 
+    old_ciphertext = sub.secret_ct
+
     report = _rotate(rotated_app, new_data_keys=True)
 
-    assert report.destroyed_keys == 0
+    assert report.destroyed_keys == 1
     db.session.expire_all()
-    kept = db.session.get(DataKey, key.id)
-    assert kept.destroyed_at is None and kept.wrapped_key is not None
-    assert subscription_secret(db.session.get(WebhookSubscription, sub.id),
-                               vault=new_vault) == "whsec-1"
+    shredded = db.session.get(DataKey, key.id)
+    assert shredded.destroyed_at is not None and shredded.wrapped_key is None
+    moved = db.session.get(WebhookSubscription, sub.id)
+    assert moved.data_key_id != key.id and moved.secret_ct != old_ciphertext
+    assert subscription_secret(moved, vault=new_vault) == "whsec-1"
+
+
+def test_a_secret_written_under_the_old_key_during_rotation_keeps_it_alive(
+        app_ctx, rotated_app, old_vault, new_vault):
+    """The fence: a subscription whose ciphertext changed after rotation read it is not
+    overwritten, and the key under it is not shredded; the next run moves it."""
+    from sqlalchemy import event
+
+    from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE, subscription_secret
+    from partner_app.webhooks.models import WebhookSubscription
+
+    (operator_id,) = _connect(old_vault, 1)
+    key = db.session.scalars(select(DataKey).where(DataKey.operator_id == operator_id)).one()
+    cipher = old_vault.cipher_for(operator_id=operator_id, data_key_id=key.id,
+                                  wrapped_key=key.wrapped_key)
+    sub = WebhookSubscription(operator_id=operator_id, url="https://p.example/w",
+                              status="active", data_key_id=key.id,
+                              secret_ct=cipher.encrypt(SECRET_TABLE, SECRET_COLUMN, "whsec-1"))
+    db.session.add(sub)
+    db.session.commit()
+    sub_id = sub.id
+    with rotated_app.app_context():
+        engine = db.engine  # the engine rotation writes through
+    swapped = []
+
+    def new_secret_lands(conn, cursor, statement, parameters, context, executemany):
+        # Just before rotation's compare-and-swap, a new endpoint's secret is stored.
+        if statement.startswith("UPDATE webhook_subscriptions") and not swapped:
+            swapped.append(True)
+            with engine.connect() as other:
+                other.execute(update(WebhookSubscription)
+                              .where(WebhookSubscription.id == sub_id)
+                              .values(secret_ct=cipher.encrypt(SECRET_TABLE, SECRET_COLUMN,
+                                                               "whsec-2")))
+                other.commit()
+
+    event.listen(engine, "before_cursor_execute", new_secret_lands)
+    try:
+        first = _rotate(rotated_app, new_data_keys=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", new_secret_lands)
+
+    assert swapped and first.destroyed_keys == 0 and first.fence_retries >= 1
+    db.session.expire_all()
+    assert db.session.get(DataKey, key.id).destroyed_at is None
+    assert subscription_secret(db.session.get(WebhookSubscription, sub_id),
+                               vault=new_vault) == "whsec-2"
+
+    second = _rotate(rotated_app, new_data_keys=True)
+
+    assert second.destroyed_keys == 1
+    db.session.expire_all()
+    assert subscription_secret(db.session.get(WebhookSubscription, sub_id),
+                               vault=new_vault) == "whsec-2"
