@@ -27,9 +27,9 @@ def operators_overview() -> list[Operator]:
 #
 # Every page below costs a fixed number of statements whatever the number of operators:
 # one for the page's rows (keyset pagination on the primary key, newest first, one row
-# more than the page to know whether another follows), and one grouped statement per
-# per-row figure that lives in another table (e.g. the last webhook), keyed by the page's
-# ids. Token values never leave their table: only expiry times are selected.
+# more than the page to know whether another follows), with per-row figures that live in
+# other tables (the token's expiry, the last webhook) joined or correlated into that one
+# statement. Token values never leave their table: only expiry times are selected.
 
 PAGE_SIZE = 25
 EVENTS_PAGE_SIZE = 50
@@ -97,12 +97,12 @@ def operators_page(*, search: str = "", status: str | None = None,
     """Operators matching ``search`` (name, public id, storefront host or Stora operator
     id, case-insensitive substring) and ``status``, newest first; rows are OperatorRow.
 
-    Two statements: the page (operators left-joined to their credential's expiry) and
-    the last webhook received per operator on the page, grouped.
+    One statement: operators left-joined to their credential's expiry, with their last
+    webhook as a correlated column.
     """
     stmt = (select(Operator.id, Operator.public_id, Operator.name, Operator.storefront_host,
                    Operator.status, Operator.last_api_success_at, Operator.last_error,
-                   Credential.access_expires_at)
+                   Credential.access_expires_at, last_webhook_column())
             .outerjoin(Credential, Credential.operator_id == Operator.id))
     if status:
         stmt = stmt.where(Operator.status == status)
@@ -116,24 +116,23 @@ def operators_page(*, search: str = "", status: str | None = None,
             func.lower(Operator.stora_identity).like(pattern, escape="\\")))
     page = _keyset(stmt, Operator.id, before=before, after=after, size=size,
                    row_id=lambda row: row.id)
-    last_webhooks = last_webhook_at([row.id for row in page.rows])
     rows = [OperatorRow(id=row.id, public_id=row.public_id, name=row.name,
                         storefront_host=row.storefront_host, status=row.status,
                         last_api_success_at=row.last_api_success_at,
                         last_error=row.last_error, token_expires_at=row.access_expires_at,
-                        last_webhook_at=last_webhooks.get(row.id))
+                        last_webhook_at=row.last_webhook_at)
             for row in page.rows]
     return Page(rows, page.newer, page.older)
 
 
-def last_webhook_at(operator_ids: Sequence[int]) -> dict[int, datetime]:
-    """When each of these operators' last webhook delivery was received (one statement)."""
-    if not operator_ids:
-        return {}
-    return dict(db.session.execute(
-        select(WebhookEvent.operator_id, func.max(WebhookEvent.received_at))
-        .where(WebhookEvent.operator_id.in_(list(operator_ids)))
-        .group_by(WebhookEvent.operator_id)).all())
+def last_webhook_column():
+    """A column with the time the row's operator last received a webhook: the
+    ``received_at`` of its newest inbox row (a one-row backward scan of
+    ``ix_webhook_events_operator_id_id``, evaluated only for the rows returned)."""
+    return (select(WebhookEvent.received_at)
+            .where(WebhookEvent.operator_id == Operator.id)
+            .order_by(WebhookEvent.id.desc()).limit(1)
+            .correlate(Operator).scalar_subquery().label("last_webhook_at"))
 
 
 def operator_status_counts() -> dict[str, int]:
@@ -155,15 +154,15 @@ def operator_detail(public_id: str) -> OperatorDetail | None:
     """The operator and its credential's public facts (never a token), one statement."""
     row = db.session.execute(
         select(Operator, Credential.access_expires_at, Credential.refreshed_at,
-               Credential.scope)
+               Credential.scope, last_webhook_column())
         .outerjoin(Credential, Credential.operator_id == Operator.id)
         .where(Operator.public_id == public_id)).first()
     if row is None:
         return None
-    operator, expires_at, refreshed_at, scope = row
+    operator, expires_at, refreshed_at, scope, last_webhook = row
     return OperatorDetail(operator=operator, token_expires_at=expires_at,
                           token_refreshed_at=refreshed_at, token_scope=scope or "",
-                          last_webhook_at=last_webhook_at([operator.id]).get(operator.id))
+                          last_webhook_at=last_webhook)
 
 
 @dataclass(frozen=True)
