@@ -11,8 +11,8 @@ from partner_app.dashboard import actions, queries
 from partner_app.dashboard.blueprint import admin_required, bp
 from partner_app.dashboard.forms import ConfirmForm
 from partner_app.db import db
+from partner_app.stora.signatures import HEADER as SIGNATURE_HEADER
 from partner_app.webhooks.handlers import handled_types
-from partner_app.webhooks.inbox import HEADER as SIGNATURE_HEADER
 from partner_app.webhooks.models import InboxStatus
 
 STATUSES = tuple(status.value for status in InboxStatus)
