@@ -461,8 +461,7 @@ def test_replay_queues_the_event_and_is_audited_and_processed(client, app_ctx, s
     token = sign_in(client, ADMIN)
     resp = client.post(f"/staff/events/{ev.id}/replay", data={"csrf_token": token})
     assert resp.status_code == 302
-    [job] = get_queue(QUEUE_WEBHOOKS).get_jobs()
-    assert job.func_name == "partner_app.webhooks.jobs.process_webhook_event"
+    assert get_queue(QUEUE_WEBHOOKS).count == 1
     [(_, actor, detail)] = [a for a in audit_actions(op.id) if a[0] == "webhook_event.replayed"]
     assert (actor, detail["event_row_id"], detail["was"], detail["staff_id"]) == \
         (ADMIN, ev.id, "failed", staff["admin"])
