@@ -484,3 +484,38 @@ def test_pages_carry_no_inline_script_or_style(client, app_ctx, staff):
         html = client.get(path).get_data(as_text=True)
         assert "style=" not in html, path
         assert re.search(r"<script(?![^>]*\bsrc=)", html) is None, path
+
+
+def test_events_pages_go_back_and_forth(client, app_ctx, staff):
+    add_operators(12, with_events=10)  # 120 events: pages of 50, 50, 20
+    sign_in(client, VIEWER)
+    seen: list[str] = []
+    path = "/staff/events"
+    for _ in range(3):
+        html = client.get(path).get_data(as_text=True)
+        seen += re.findall(r'<tr data-event="(\d+)"', html)
+        nxt = re.search(r'href="([^"]*before=\d+[^"]*)" rel="next"', html)
+        path = nxt.group(1).replace("&amp;", "&") if nxt else None
+    assert path is None and len(seen) == 120 == len(set(seen))
+    assert [int(i) for i in seen] == sorted((int(i) for i in seen), reverse=True)
+    back = re.search(r'href="([^"]*after=\d+[^"]*)" rel="prev"', html).group(1)
+    html = client.get(back.replace("&amp;", "&")).get_data(as_text=True)
+    assert re.findall(r'<tr data-event="(\d+)"', html) == seen[50:100]
+
+
+def test_a_disconnected_operator_offers_only_a_reconnect_link(client, app_ctx, staff):
+    [op_id] = add_operators(1, status="disconnected")
+    public_id = db.session.get(Operator, op_id).public_id
+    token = sign_in(client, ADMIN)
+    html = client.get(f"/staff/operators/{public_id}").get_data(as_text=True)
+    assert "Issue reconnect link" in html
+    assert "Refresh tokens now" not in html and "Disconnect…" not in html
+    resp = client.post(f"/staff/operators/{public_id}/disconnect",
+                       data={"csrf_token": token, "confirm": public_id})
+    assert resp.status_code == 302
+    assert "already disconnected" in client.get(resp.headers["Location"]).get_data(as_text=True)
+
+
+def test_viewers_are_not_offered_actions(client, app_ctx, staff):
+    sign_in(client, VIEWER)
+    assert "New install link" not in client.get("/staff/operators").get_data(as_text=True)
