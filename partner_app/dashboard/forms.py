@@ -1,7 +1,7 @@
 """Flask-WTF forms for the staff dashboard (CSRF on every POST)."""
 
 from flask_wtf import FlaskForm
-from wtforms import EmailField, PasswordField
+from wtforms import BooleanField, EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Email, Length
 
 
@@ -13,3 +13,12 @@ class LoginForm(FlaskForm):
 
 class ConfirmForm(FlaskForm):
     """An action with no fields but a CSRF token."""
+
+
+class DisconnectForm(FlaskForm):
+    """Disconnecting destroys the operator's keys: the public id must be typed back."""
+
+    confirm = StringField("Type the operator's public id to confirm",
+                          validators=[DataRequired(), Length(max=40)])
+    local_only = BooleanField("Disconnect here even if Stora cannot be told "
+                              "(Stora keeps the grant until the operator removes it)")
