@@ -231,9 +231,15 @@ def database_state(app) -> dict[str, object]:
     from partner_app.db import db
     from partner_app.incidents import PlatformIncident
     from partner_app.queueing import QUEUES, get_queue
-    from partner_app.sync.models import SyncRun
+    from partner_app.sync.models import SyncRun, SyncRunItem
 
     with app.app_context():
+        # Items of runs still going: a run held up by one item blocks the next scheduled
+        # sync of the same name.
+        unfinished = dict(db.session.execute(
+            select(SyncRunItem.status, func.count())
+            .join(SyncRun, SyncRun.id == SyncRunItem.run_id)
+            .where(SyncRun.status == "running").group_by(SyncRunItem.status)).all())
         statuses = dict(db.session.execute(
             select(Operator.status, func.count()).group_by(Operator.status)).all())
         runs = dict(db.session.execute(
@@ -241,7 +247,8 @@ def database_state(app) -> dict[str, object]:
         incidents = db.session.scalar(select(func.count()).select_from(PlatformIncident))
         failed = sum(FailedJobRegistry(queue=get_queue(name, app)).count for name in QUEUES)
         db.session.remove()
-    return {"statuses": statuses, "runs": runs, "incidents": incidents, "failed_jobs": failed}
+    return {"statuses": statuses, "runs": runs, "incidents": incidents, "failed_jobs": failed,
+            "unfinished": unfinished}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -330,6 +337,8 @@ def report(args: argparse.Namespace, result: dict, backend: str,
         ("operators by status", ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
          "", ""),
         ("sync runs", ", ".join(f"{k} {v}" for k, v in sorted(state["runs"].items())), "", ""),
+        ("items of running runs",
+         ", ".join(f"{k} {v}" for k, v in sorted(state["unfinished"].items())) or "-", "", ""),
         ("platform incidents", str(state["incidents"]), "0", ok(state["incidents"] == 0)),
         ("failed RQ jobs", str(state["failed_jobs"]), "", ""),
     ]
