@@ -96,6 +96,7 @@ def _import_models() -> None:
     """Register every model on the metadata (migrations and create_all see them all)."""
     from partner_app import audit, incidents  # noqa: F401
     from partner_app.connections import models  # noqa: F401
+    from partner_app.lifecycle import models as lifecycle_models  # noqa: F401
     from partner_app.security import models as security_models  # noqa: F401
     from partner_app.sync import models as sync_models  # noqa: F401
     from partner_app.timeline import models as timeline_models  # noqa: F401

@@ -200,6 +200,13 @@ from partner_app.webhooks.cli import webhooks  # noqa: E402
 cli.add_command(webhooks)
 
 
+# -- data lifecycle --------------------------------------------------------------------------
+from partner_app.lifecycle.cli import operators_purge, retention  # noqa: E402
+
+operators.add_command(operators_purge)
+cli.add_command(retention)
+
+
 # -- processes -------------------------------------------------------------------------------
 @cli.command("sandbox", with_appcontext=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

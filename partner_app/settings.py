@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from partner_app.envparse import number
+from partner_app.lifecycle.settings import RetentionSettings
 from partner_app.security.vault import generate_key_entry
 from partner_app.stora.ratelimit import RateLimitSettings
 
@@ -118,6 +119,7 @@ class Settings:
     webhook_event_types: tuple[str, ...] = ("order.created",)
     webhook_tolerance: int = 300
     webhook_max_body: int = 1024 * 1024
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     generated_secrets: tuple[str, ...] = ()
 
     # -- derived ---------------------------------------------------------------
@@ -258,6 +260,8 @@ class Settings:
 
         rate_limit, rate_problems = RateLimitSettings.parse(env)
         problems += rate_problems
+        retention, retention_problems = RetentionSettings.parse(env)
+        problems += retention_problems
 
         if problems:
             raise ConfigError(problems)
@@ -282,6 +286,7 @@ class Settings:
             webhook_event_types=webhook_event_types,
             webhook_tolerance=webhook_tolerance,
             webhook_max_body=webhook_max_body,
+            retention=retention,
             generated_secrets=tuple(generated),
         )
 

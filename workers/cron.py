@@ -22,6 +22,8 @@ Schedule (each settable by option or environment variable):
   retiring subscriptions, gap backfills;
 * ``partner_app.webhooks.jobs.sweep_inbox`` every minute: inbox events whose processing
   was never queued or whose job died.
+* ``partner_app.lifecycle.jobs.enforce_retention`` every ``--retention-every``
+  (``RETENTION_EVERY``, default 1h): due operator purges, inbox and audit log retention.
 """
 
 from __future__ import annotations
@@ -154,11 +156,13 @@ REFRESH_TOKENS = "partner_app.connections.jobs.refresh_expiring_tokens"
 RECONCILE_WEBHOOKS = "partner_app.webhooks.reconcile_jobs.reconcile_all_webhooks"
 SWEEP_INBOX = "partner_app.webhooks.jobs.sweep_inbox"
 SWEEP_INBOX_EVERY = timedelta(minutes=1)
+ENFORCE_RETENTION = "partner_app.lifecycle.jobs.enforce_retention"
 
 
 def build_scheduler(connection: Redis, *, orders_every: timedelta, sweep_every: timedelta,
                     refresh_every: timedelta, webhooks_every: timedelta = timedelta(minutes=10),
-                    name: str = "") -> LeaderCronScheduler:
+                    name: str = "",
+                    retention_every: timedelta = timedelta(hours=1)) -> LeaderCronScheduler:
     """The platform's schedule on a leader-elected scheduler (not started)."""
     from partner_app.queueing import QUEUE_DEFAULT, QUEUE_SYNC, QUEUE_WEBHOOKS
 
@@ -176,6 +180,8 @@ def build_scheduler(connection: Redis, *, orders_every: timedelta, sweep_every: 
                   interval=int(webhooks_every.total_seconds()), job_timeout=300)
     scheduler.add(SWEEP_INBOX, QUEUE_WEBHOOKS,
                   interval=int(SWEEP_INBOX_EVERY.total_seconds()), job_timeout=300)
+    scheduler.add(ENFORCE_RETENTION, QUEUE_DEFAULT,
+                  interval=int(retention_every.total_seconds()), job_timeout=3600)
     return scheduler
 
 
@@ -198,15 +204,18 @@ def _duration(ctx, param, value: str) -> timedelta:
 @click.option("--webhooks-every", default="10m", show_default=True,
               envvar="WEBHOOKS_RECONCILE_EVERY", callback=_duration,
               help="Webhook subscription reconcile interval.")
+@click.option("--retention-every", default="1h", show_default=True, envvar="RETENTION_EVERY",
+              callback=_duration, help="Retention (purges, inbox, audit log) interval.")
 @with_appcontext
 def cron(orders_every: timedelta, sweep_every: timedelta, refresh_every: timedelta,
-         webhooks_every: timedelta) -> None:
+         webhooks_every: timedelta, retention_every: timedelta) -> None:
     """Run the recurring-job scheduler (any number of instances; one leads)."""
     from partner_app.queueing import get_redis
 
     scheduler = build_scheduler(get_redis(current_app), orders_every=orders_every,
                                 sweep_every=sweep_every, refresh_every=refresh_every,
-                                webhooks_every=webhooks_every)
+                                webhooks_every=webhooks_every,
+                                retention_every=retention_every)
     click.echo(f"cron ready: {scheduler.name}, jobs="
                + ",".join(job.func_name.rsplit(".", 1)[-1] for job in scheduler.get_jobs()),
                err=True)

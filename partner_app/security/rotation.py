@@ -10,8 +10,9 @@ on every node (the old one stays listed so existing ciphertexts still open), the
 * **New data keys** (``new_data_keys=True``). Every operator whose live data key has
   ever been wrapped by a kid other than the active one gets a fresh data key; its
   credential ciphertexts and webhook signing secrets are re-encrypted under it, and the
-  old data key is destroyed once nothing references it. Use it when an old root key may have leaked: a re-wrap
-  alone would leave the data keys that key once protected in service.
+  old data key is destroyed once nothing references it. Use it when an old root key may
+  have leaked: a re-wrap alone would leave the data keys that key once protected in
+  service.
 
 Both modes also re-seal the PKCE verifiers of install attempts still in flight.
 
