@@ -92,12 +92,17 @@ def refresh_expiring_tokens() -> dict:
     from partner_app.connections.tokens import PROACTIVE_MARGIN
     from partner_app.queueing import STORA_RETRY, get_queue
 
-    horizon = datetime.now(UTC) + PROACTIVE_MARGIN
-    due = db.session.execute(
-        select(Credential.operator_id, Credential.access_expires_at)
+    now = datetime.now(UTC)
+    candidates = db.session.execute(
+        select(Credential.operator_id, Credential.access_expires_at, Credential.refreshed_at)
         .join(Operator, Operator.id == Credential.operator_id)
         .where(Operator.status.in_([OperatorStatus.ACTIVE, OperatorStatus.DEGRADED]),
-               Credential.access_expires_at <= horizon)).all()
+               Credential.access_expires_at <= now + PROACTIVE_MARGIN.ahead)).all()
+    # The margin also depends on each token's lifetime, which SQL on both engines
+    # cannot compare portably: the horizon above bounds the candidates.
+    due = [(operator_id, expires_at) for operator_id, expires_at, refreshed_at in candidates
+           if PROACTIVE_MARGIN.expiring(expires_at=expires_at, refreshed_at=refreshed_at,
+                                        now=now)]
     queue = get_queue()
     queued = 0
     for operator_id, expires_at in due:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import redis as redis_lib
@@ -60,10 +61,33 @@ from partner_app.stora.oauth import StoraOAuth, TokenSet
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclass(frozen=True)
+class Margin:
+    """How long before expiry a stored access token stops being good enough.
+
+    ``ahead`` is capped at ``share`` of the token's lifetime: with short-lived tokens (a
+    two-minute token in a soak, or a provider that shortens them) a fixed margin would
+    call every stored token expiring and make every API call refresh first.
+    ``fresh_after`` (a forced refresh) rejects any pair stored before that instant.
+    """
+
+    ahead: timedelta
+    share: float
+    fresh_after: datetime | None = None
+
+    def expiring(self, *, expires_at: datetime, refreshed_at: datetime,
+                 now: datetime) -> bool:
+        if self.fresh_after is not None and refreshed_at < self.fresh_after:
+            return True
+        return expires_at - now <= min(self.ahead, (expires_at - refreshed_at) * self.share)
+
+
 # Refresh on demand when less than this remains, so a token never expires mid-call.
-ON_DEMAND_MARGIN = timedelta(seconds=120)
+ON_DEMAND_MARGIN = Margin(ahead=timedelta(seconds=120), share=0.25)
 # The proactive sweep refreshes ahead of this, leaving room for retries and outages.
-PROACTIVE_MARGIN = timedelta(minutes=25)
+PROACTIVE_MARGIN = Margin(ahead=timedelta(minutes=25), share=0.5)
 # Waiting for a sibling's refresh: longer than one token round trip with retries.
 LOCK_TIMEOUT_SECONDS = 15
 # How often a waiter re-reads for the sibling's committed token (jittered).
@@ -89,10 +113,11 @@ class PlatformCredentialsRejected(CredentialError):
     """Stora rejected our client credentials (invalid_client): a platform incident."""
 
 
-def _usable(credential: Credential, *, vault: Vault, now: datetime, margin: timedelta,
+def _usable(credential: Credential, *, vault: Vault, now: datetime, margin: Margin,
             rejected: str | None) -> str | None:
     """The stored access token if it outlives ``margin`` and is not the rejected one."""
-    if credential.access_expires_at - now <= margin:
+    if margin.expiring(expires_at=credential.access_expires_at,
+                       refreshed_at=credential.refreshed_at, now=now):
         return None
     token = decrypt_column(credential, "access_token_ct", vault=vault)
     if rejected is not None and secrets.compare_digest(token, rejected):
@@ -108,7 +133,7 @@ class _Flight:
         self.token: str | None = None
 
 
-_flights: dict[tuple[int, timedelta], _Flight] = {}
+_flights: dict[tuple[int, Margin], _Flight] = {}
 _flights_lock = threading.Lock()
 
 
@@ -222,8 +247,11 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
                      redis: redis_lib.Redis | None = None,
                      limiter: RateLimiter | None = None, now: Clock = _utcnow,
                      rejected: str | None = None,
-                     margin: timedelta = ON_DEMAND_MARGIN) -> str:
+                     margin: Margin = ON_DEMAND_MARGIN, force: bool = False) -> str:
     """A valid access token for the operator, refreshing it single-flight if needed.
+
+    ``force`` refreshes whatever the token's remaining lifetime, unless a sibling stored
+    a new pair after this call began (then that pair is returned).
 
     ``rejected`` is a token Stora answered 401 to: it is never returned, so the caller
     gets either a sibling's newer token or a fresh refresh. Commits its own transactions
@@ -237,6 +265,8 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
         raise NotConnected(f"operator {operator_id} is not connected")
     if operator.status == OperatorStatus.NEEDS_REAUTH:
         raise NeedsReauth(f"operator {operator_id} needs to reconnect")
+    if force:
+        margin = replace(margin, fresh_after=now())
     token = _usable(read_credential(operator_id), vault=vault, now=now(), margin=margin,
                     rejected=rejected)
     if token is not None:
@@ -271,7 +301,7 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
 
 def _across_processes(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
                       redis: redis_lib.Redis | None, limiter: RateLimiter | None, now: Clock,
-                      rejected: str | None, margin: timedelta) -> str:
+                      rejected: str | None, margin: Margin) -> str:
     """Single flight across processes: one refresher, the others wait for its commit."""
     deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
     while True:
@@ -291,7 +321,7 @@ def _across_processes(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
 
 def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
                     limiter: RateLimiter | None, now: Clock, rejected: str | None,
-                    margin: timedelta) -> str:
+                    margin: Margin) -> str:
     locked = _lock_row(operator_id)
     token = _usable(locked, vault=vault, now=now(), margin=margin, rejected=rejected)
     if token is not None:  # a sibling refreshed while we waited
@@ -353,7 +383,7 @@ def _after_invalid_grant(operator_id: int, spent: str, *, vault: Vault) -> str:
 
 
 def _fenced_out(operator_id: int, orphan: TokenSet, *, oauth: StoraOAuth, vault: Vault,
-                now: Clock, margin: timedelta, rejected: str | None) -> str:
+                now: Clock, margin: Margin, rejected: str | None) -> str:
     """Someone stored a newer pair first: discard ours (revoking it) and use theirs."""
     if orphan.refresh_token:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from partner_app import audit
 from partner_app.connections import install
@@ -32,9 +32,6 @@ from partner_app.webhooks.models import WebhookEvent
 from partner_app.webhooks.reconcile_jobs import enqueue_reconcile_after_commit
 
 log = logging.getLogger(__name__)
-
-# Longer than any access token lives: a token is never "fresh enough" to skip the refresh.
-FORCE_REFRESH_MARGIN = timedelta(days=365)
 
 
 def _record(action: str, staff: StaffUser, operator_id: int | None, **detail) -> None:
@@ -60,7 +57,7 @@ def refresh_tokens_now(operator: Operator, *, staff: StaffUser, vault: Vault,
     operator_id = operator.id
     try:
         get_access_token(operator_id, vault=vault, oauth=oauth, redis=get_redis(),
-                         limiter=limiter(), margin=FORCE_REFRESH_MARGIN)
+                         limiter=limiter(), force=True)
         outcome = RefreshOutcome(True, None)
     except (CredentialError, PlatformCredentialsRejected, StoraError) as exc:
         db.session.rollback()

@@ -84,8 +84,9 @@ def test_a_reconnect_after_disconnect_gets_a_fresh_key(client, app_ctx, operator
 
 
 def test_sweep_refreshes_tokens_nearing_expiry_once(app_ctx, operator, sandbox):
+    now = datetime.now(UTC)  # a two-hour token with ten minutes left
     db.session.execute(update(Credential).values(
-        access_expires_at=datetime.now(UTC) + timedelta(minutes=10)))
+        refreshed_at=now - timedelta(minutes=110), access_expires_at=now + timedelta(minutes=10)))
     db.session.commit()
     assert refresh_expiring_tokens() == {"due": 1, "queued": 1}
     assert refresh_expiring_tokens() == {"due": 1, "queued": 0}  # unique job id
@@ -98,3 +99,29 @@ def test_sweep_refreshes_tokens_nearing_expiry_once(app_ctx, operator, sandbox):
     assert credential.version == 2
     assert credential.access_expires_at > datetime.now(UTC) + timedelta(hours=1)
     assert refresh_expiring_tokens()["due"] == 0
+
+
+def test_short_lived_tokens_are_used_for_most_of_their_life(app_ctx, operator, sandbox):
+    """A fixed margin as long as the token's lifetime would refresh before every call:
+    margins shrink to a share of the lifetime (a quarter on demand, half for the sweep)."""
+    now = datetime.now(UTC)  # a two-minute token, refreshed 30 s ago
+    db.session.execute(update(Credential).values(
+        refreshed_at=now - timedelta(seconds=30), access_expires_at=now + timedelta(seconds=90)))
+    db.session.commit()
+    since = last_seq(sandbox)
+    assert token_for(app_ctx, operator.id)
+    assert refresh_expiring_tokens()["due"] == 0
+    assert [r for r in sandbox.requests_log(since) if r["path"] == "/oauth2/token"] == []
+
+    db.session.execute(update(Credential).values(  # 50 s left: the sweep's turn
+        refreshed_at=now - timedelta(seconds=70), access_expires_at=now + timedelta(seconds=50)))
+    db.session.commit()
+    assert refresh_expiring_tokens()["due"] == 1
+    assert token_for(app_ctx, operator.id)  # on demand it is still good for 20 s more
+    assert [r for r in sandbox.requests_log(since) if r["path"] == "/oauth2/token"] == []
+
+    db.session.execute(update(Credential).values(  # 25 s left: on demand refreshes
+        refreshed_at=now - timedelta(seconds=95), access_expires_at=now + timedelta(seconds=25)))
+    db.session.commit()
+    assert token_for(app_ctx, operator.id)
+    assert len([r for r in sandbox.requests_log(since) if r["path"] == "/oauth2/token"]) == 1
