@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -50,11 +51,15 @@ def _json_lines(stream: io.StringIO) -> list[dict]:
 def test_json_lines_carry_job_and_operator_from_the_context(capture):
     stream = capture(LOG_FORMAT="json")
     log = logging.getLogger("partner_app.example")
-    with job_context("sync-42-7"):
-        log.info("before.operator")
-        bind_operator(7)
-        log.info("sync.page", extra={"page": 3})
-    log.info("outside")
+
+    def run() -> None:  # in a fresh context: earlier tests bound operators in this thread
+        with job_context("sync-42-7"):
+            log.info("before.operator")
+            bind_operator(7)
+            log.info("sync.page", extra={"page": 3})
+        log.info("outside")
+
+    contextvars.Context().run(run)
     before, during, outside = _json_lines(stream)
     assert before["job_id"] == "sync-42-7" and "operator_id" not in before
     assert during == {**during, "message": "sync.page", "level": "INFO", "page": 3,
@@ -66,9 +71,13 @@ def test_json_lines_carry_job_and_operator_from_the_context(capture):
 
 def test_an_explicit_operator_field_wins_over_the_context(capture):
     stream = capture(LOG_FORMAT="json")
-    with job_context("j1"):
-        bind_operator(1)
-        logging.getLogger("x").info("e", extra={"operator_id": 2})
+
+    def run() -> None:
+        with job_context("j1"):
+            bind_operator(1)
+            logging.getLogger("x").info("e", extra={"operator_id": 2})
+
+    contextvars.Context().run(run)
     assert _json_lines(stream)[0]["operator_id"] == 2
 
 
