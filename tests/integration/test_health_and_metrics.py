@@ -22,6 +22,7 @@ from partner_app.db import db
 from partner_app.logging import bind_operator
 from partner_app.webhooks.models import InboxStatus, WebhookEvent
 from tests.conftest import BACKEND, PG_BASE, free_port, make_settings
+from tests.integration.test_install_flow import LEEDS, install
 from tests.integration.test_webhook_receiver import envelope, make_hook, signed_headers
 
 pytestmark = pytest.mark.skipif(bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")),
@@ -227,3 +228,53 @@ def test_a_database_outage_reports_down_instead_of_failing_the_scrape(app, backe
     values = scrape(broken.test_client())
     assert values[("partner_metrics_database_up", ())] == 0
     assert not any(name == "partner_operators" for name, _ in values)
+
+
+# -- token refreshes and Stora calls, counted where they happen ---------------------------
+def _counter(client, name: str, **labels: str) -> float:
+    return scrape(client).get((name, tuple(sorted(labels.items()))), 0)
+
+
+def test_token_refresh_outcomes_and_token_429s_are_counted(client, app_ctx, sandbox):
+    from partner_app.connections.credentials import NeedsReauth
+    from tests.integration.test_token_lifecycle import expire_locally, token_for
+
+    install(client, LEEDS)
+    operator_id = db.session.scalars(sa.select(Operator.id)).one()
+    refreshed = _counter(client, "partner_token_refreshes_total", outcome="refreshed")
+    limited = _counter(client, "partner_stora_rate_limited_total", endpoint="token")
+    needs_reauth = _counter(client, "partner_token_refreshes_total", outcome="needs_reauth")
+
+    # One 429 at the token endpoint, retried, then a refresh.
+    sandbox.admin("POST", "faults", json={"endpoint": "token", "grant_type": "refresh_token",
+                                          "status": 429, "headers": {"Retry-After": "0"}})
+    expire_locally(operator_id)
+    token_for(app_ctx, operator_id)
+    assert _counter(client, "partner_stora_rate_limited_total", endpoint="token") == limited + 1
+    assert _counter(client, "partner_token_refreshes_total", outcome="refreshed") \
+        == refreshed + 1
+
+    # The grant revoked at Stora: the next refresh ends in needs_reauth.
+    sandbox_id = next(op["id"] for op in sandbox.operators() if op["name"] == LEEDS)
+    sandbox.admin("POST", f"operators/{sandbox_id}/revoke_tokens")
+    expire_locally(operator_id)
+    with pytest.raises(NeedsReauth):
+        token_for(app_ctx, operator_id)
+    assert _counter(client, "partner_token_refreshes_total", outcome="needs_reauth") \
+        == needs_reauth + 1
+
+
+def test_stora_api_calls_are_counted_by_status(client, app_ctx, sandbox):
+    from partner_app.connections.jobs import client_for
+    from partner_app.stora.errors import ApiError
+
+    install(client, LEEDS)
+    operator_id = db.session.scalars(sa.select(Operator.id)).one()
+    ok = _counter(client, "partner_stora_api_calls_total", status="200")
+    missing = _counter(client, "partner_stora_api_calls_total", status="404")
+    stora = client_for(operator_id)
+    stora.list_sites()
+    with pytest.raises(ApiError):
+        stora.request("GET", "orders/ord_does_not_exist")
+    assert _counter(client, "partner_stora_api_calls_total", status="200") == ok + 1
+    assert _counter(client, "partner_stora_api_calls_total", status="404") == missing + 1
