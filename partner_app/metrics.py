@@ -65,6 +65,7 @@ def _process_identity() -> str:
 
 
 if os.environ.get(MULTIPROC_ENV):
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
     # Chosen before any metric below exists: every value is file-backed.
     values.ValueClass = values.MultiProcessValue(process_identifier=_process_identity)
 
