@@ -57,3 +57,7 @@ control_socket_disable = True
 # The app is built per worker after the fork: no database connection or Redis pool
 # is shared between workers.
 preload_app = False
+
+# Server hooks shared with ``partner-app web``: a dead worker's metrics are dropped from
+# the shared ``PROMETHEUS_MULTIPROC_DIR`` files (set it, one directory per machine).
+from partner_app.gunicorn_conf import child_exit, when_ready  # noqa: E402,F401

@@ -13,10 +13,12 @@ MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web/worker/CLI application from settings (default: the environment)."""
-    from partner_app import queueing
+    from partner_app import logging as app_logging
+    from partner_app import metrics, queueing
     from partner_app.connections.views import bp as connections_bp
     from partner_app.dashboard import bp as dashboard_bp
     from partner_app.extensions import csrf, db, login_manager, migrate
+    from partner_app.health import bp as health_bp
     from partner_app.logging import configure_logging
     from partner_app.security import staff
     from partner_app.security.vault import Vault
@@ -52,6 +54,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         timeout=(settings.http_connect_timeout, settings.http_read_timeout),
     )
 
+    app_logging.init_app(app)
+    metrics.init_app(app)
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     csrf.init_app(app)
@@ -63,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(connections_bp)
     app.register_blueprint(dashboard_bp)
     app.register_blueprint(webhooks_bp)
+    app.register_blueprint(health_bp)
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -84,10 +89,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         db.session.rollback()
         return render_template("error.html", title="Something went wrong",
                                message="The error was logged. Please try again."), 500
-
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"ok": True}
 
     return app
 

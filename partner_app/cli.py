@@ -230,7 +230,8 @@ def web(host: str, port: int, workers: int) -> None:
         "--access-logfile", "-",
         # %(U)s is the path without the query string: the callback's code and state
         # must never reach a log.
-        "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
+        "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s',
+        "--config", "python:partner_app.gunicorn_conf",
         "--logger-class", "partner_app.access_log.RedactingLogger",
         "--graceful-timeout", "10", "--no-control-socket"])
 

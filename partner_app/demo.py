@@ -22,6 +22,7 @@ import click
 import requests
 
 from partner_app import embedded_redis
+from partner_app.metrics import fresh_multiproc_dir
 from partner_app.security.vault import generate_key_entry
 from partner_app.settings import read_env_file
 
@@ -93,6 +94,7 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
         "APP_ENV": "demo",
         "INSTANCE_PATH": str(instance),
         "STORA_SANDBOX_CLIENT_SECRET": settings_env["STORA_CLIENT_SECRET"],
+        "PROMETHEUS_MULTIPROC_DIR": fresh_multiproc_dir(instance / "metrics"),
     }
     cli = [sys.executable, "-m", "partner_app.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True,

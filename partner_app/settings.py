@@ -115,6 +115,8 @@ class Settings:
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "json"  # json | text
+    metrics_token: str | None = field(default=None, repr=False)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     webhook_event_types: tuple[str, ...] = ("order.created",)
     webhook_tolerance: int = 300
@@ -248,6 +250,12 @@ class Settings:
         log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        log_format = env.get("LOG_FORMAT", "").strip().lower() or ("text" if lenient else "json")
+        if log_format not in ("json", "text"):
+            problems.append("LOG_FORMAT must be json or text")
+        metrics_token = env.get("METRICS_TOKEN", "").strip() or None
+        if metrics_token is not None and len(metrics_token) < 16:
+            problems.append("METRICS_TOKEN must be at least 16 characters")
 
         raw_types = env.get("WEBHOOK_EVENT_TYPES", "").replace(",", " ").split()
         webhook_event_types = tuple(dict.fromkeys(raw_types)) or ("order.created",)
@@ -282,6 +290,8 @@ class Settings:
             install_state_ttl=install_state_ttl,
             install_link_ttl=install_link_ttl,
             log_level=log_level,
+            log_format=log_format,
+            metrics_token=metrics_token,
             rate_limit=rate_limit,
             webhook_event_types=webhook_event_types,
             webhook_tolerance=webhook_tolerance,

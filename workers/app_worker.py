@@ -10,6 +10,9 @@ from flask import Flask
 from rq import Worker
 from rq.serializers import JSONSerializer
 
+from partner_app import metrics
+from partner_app.logging import job_context
+
 
 class AppWorker(Worker):
     """Forks a work-horse per job (so a crash or kill -9 costs one job, not the worker)
@@ -23,13 +26,29 @@ class AppWorker(Worker):
         self.app = app
 
     def perform_job(self, job, queue, execution) -> bool:
-        with self.app.app_context():
+        metrics.adopt_work_horse_identity()
+        with self.app.app_context(), job_context(job.id):
             try:
                 return super().perform_job(job, queue, execution)
             finally:
                 from partner_app.db import db
 
                 db.session.remove()
+
+    # Job outcomes for /metrics; the horse reports its own, the worker reports a killed horse.
+    def handle_job_success(self, job, queue, *args, **kwargs):
+        metrics.job_done(job.origin, "finished")
+        return super().handle_job_success(job, queue, *args, **kwargs)
+
+    def handle_job_retry(self, job, queue, retry, *args, **kwargs):
+        metrics.job_done(job.origin, "failed" if (job.number_of_retries or 0) >= retry.max
+                         else "retried")
+        return super().handle_job_retry(job, queue, retry, *args, **kwargs)
+
+    def handle_job_failure(self, job, queue, *args, **kwargs):
+        metrics.job_done(job.origin, "stopped" if self._stopped_job_id == job.id
+                         else "retried" if job.should_retry else "failed")
+        return super().handle_job_failure(job, queue, *args, **kwargs)
 
 
 # Imported once in the worker so every forked work-horse starts warm instead of

@@ -16,6 +16,7 @@ from flask.cli import with_appcontext
 @with_appcontext
 def worker(queues: tuple[str, ...], burst: bool, no_scheduler: bool, name: str | None) -> None:
     """Run an RQ worker (with the scheduler that Retry intervals need)."""
+    from partner_app import metrics
     from partner_app.queueing import QUEUES, get_queue, get_redis
     from workers.app_worker import AppWorker, prepare_for_fork
 
@@ -27,3 +28,4 @@ def worker(queues: tuple[str, ...], burst: bool, no_scheduler: bool, name: str |
                         name=name)
     click.echo(f"worker ready: queues={','.join(names)} scheduler={not no_scheduler}", err=True)
     worker_.work(burst=burst, with_scheduler=not no_scheduler, logging_level="INFO")
+    metrics.mark_process_dead()

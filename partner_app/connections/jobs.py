@@ -11,6 +11,7 @@ from partner_app.connections.credentials import CredentialError
 from partner_app.connections.models import Operator, OperatorStatus
 from partner_app.connections.tokens import OperatorTokens, limiter_key
 from partner_app.db import db
+from partner_app.logging import bind_operator
 from partner_app.queueing import get_redis
 from partner_app.stora.client import StoraClient, storefront_host
 from partner_app.stora.errors import StoraError
@@ -30,6 +31,7 @@ def limiter() -> RedisRateLimiter:
 
 def client_for(operator_id: int) -> StoraClient:
     """A StoraClient for one operator, wired to the app's vault, OAuth client and limiter."""
+    bind_operator(operator_id)
     settings = current_app.extensions["settings"]
     shared_limiter = limiter()
     tokens = OperatorTokens(operator_id, vault=current_app.extensions["vault"],

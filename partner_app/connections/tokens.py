@@ -37,7 +37,7 @@ import redis as redis_lib
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
-from partner_app import audit, failpoints, incidents
+from partner_app import audit, failpoints, incidents, metrics
 from partner_app.connections.credentials import (
     CredentialError,
     NeedsReauth,
@@ -49,6 +49,7 @@ from partner_app.connections.credentials import (
 )
 from partner_app.connections.models import Credential, Operator, OperatorStatus
 from partner_app.db import db
+from partner_app.logging import bind_operator
 from partner_app.security.vault import Vault
 from partner_app.stora.client import RateLimiter
 from partner_app.stora.errors import (
@@ -226,6 +227,8 @@ def _spend(oauth: StoraOAuth, refresh_token: str, *, operator_id: int,
         try:
             return oauth.refresh(refresh_token)
         except OAuthUnavailable as exc:
+            if exc.status == 429:
+                metrics.rate_limited("token")
             if exc.status == 429 and limiter is not None:
                 limiter.backoff(limiter_key(operator_id), exc.retry_after or 1.0)
             wait = exc.retry_after if exc.retry_after is not None else \
@@ -259,6 +262,7 @@ def get_access_token(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
     work you still want to roll back. Raises NotConnected, NeedsReauth, RefreshBusy,
     PlatformCredentialsRejected, or a retryable OAuthError.
     """
+    bind_operator(operator_id)
     operator = db.session.get(Operator, operator_id, populate_existing=True)
     if operator is None or operator.status in (OperatorStatus.DISCONNECTED,
                                                OperatorStatus.PENDING):
@@ -342,6 +346,7 @@ def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
         db.session.rollback()
         incidents.report(incidents.INVALID_CLIENT, endpoint="token")
         log.error("token.invalid_client", extra={"operator_id": operator_id})
+        metrics.token_refresh("invalid_client")
         raise PlatformCredentialsRejected("Stora rejected the partner's client "
                                           "credentials") from None
     except OAuthError as exc:
@@ -364,6 +369,7 @@ def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
     db.session.commit()
     log.info("token.refreshed", extra={"operator": operator.public_id,
                                        "version": credential.version})
+    metrics.token_refresh("refreshed")
     failpoints.reach("after_commit_before_first_use")
     return tokens.access_token
 
@@ -376,6 +382,7 @@ def _after_invalid_grant(operator_id: int, spent: str, *, vault: Vault) -> str:
         token = decrypt_column(current, "access_token_ct", vault=vault)
         db.session.commit()
         log.info("token.adopted_sibling_rotation", extra={"operator_id": operator_id})
+        metrics.token_refresh("adopted")
         return token
     db.session.rollback()
     _needs_reauth(operator_id, reason="refresh token rejected (invalid_grant)")
@@ -397,6 +404,7 @@ def _fenced_out(operator_id: int, orphan: TokenSet, *, oauth: StoraOAuth, vault:
         raise RefreshBusy(f"operator {operator_id}: fenced out and the winner's token "
                           "is not usable yet")
     log.info("token.fenced_out", extra={"operator_id": operator_id})
+    metrics.token_refresh("fenced_out")
     return token
 
 
@@ -405,6 +413,7 @@ def _degraded(operator_id: int, reason: str) -> None:
                 refresh_failures=Operator.refresh_failures + 1, last_error=reason[:500])
     db.session.commit()
     log.warning("token.refresh_failed", extra={"operator_id": operator_id})
+    metrics.token_refresh("failed")
 
 
 def _needs_reauth(operator_id: int, *, reason: str) -> None:
@@ -413,6 +422,7 @@ def _needs_reauth(operator_id: int, *, reason: str) -> None:
                  operator_id=operator_id, reason=reason)
     db.session.commit()
     log.warning("token.needs_reauth", extra={"operator_id": operator_id, "reason": reason})
+    metrics.token_refresh("needs_reauth")
 
 
 class OperatorTokens:

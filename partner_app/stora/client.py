@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import requests
 
+from partner_app import metrics
 from partner_app.stora.errors import (
     ApiError,
     ApiUnavailable,
@@ -207,9 +208,12 @@ class StoraClient:
                 method, url, params=params, json=json, timeout=self.timeout,
                 headers={**headers, "Authorization": f"Bearer {token}"})
         except requests.Timeout as exc:
+            metrics.stora_call("error")
             raise ApiUnavailable(f"{method} {url.split('?')[0]}: timed out") from exc
         except requests.RequestException as exc:
+            metrics.stora_call("error")
             raise ApiUnavailable(f"{method} {url.split('?')[0]}: {type(exc).__name__}") from exc
+        metrics.stora_call(resp.status_code)
         if resp.status_code == 429 and self._limiter is not None:
             # Every worker honours the cooldown, not only the one that was told.
             self._limiter.backoff(self._limiter_key, retry_after(resp) or 1.0)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from rq import Retry
 
 from partner_app.db import db
+from partner_app.logging import bind_operator
 from partner_app.queueing import QUEUE_WEBHOOKS, enqueue_after_commit, get_queue
 from partner_app.webhooks import handlers, inbox
 from partner_app.webhooks.models import InboxStatus, WebhookEvent
@@ -46,6 +47,7 @@ def process_webhook_event(event_row_id: int, replay: bool = False) -> dict:
         db.session.rollback()
         return {"skipped": True}
     db.session.commit()  # the claim is visible to every other worker from here
+    bind_operator(event.operator_id)
     handler = handlers.handler_for(event.event_type)
     if handler is None:
         event.status = InboxStatus.IGNORED

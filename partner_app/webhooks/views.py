@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from partner_app import failpoints
+from partner_app import failpoints, metrics
 from partner_app.db import db
 from partner_app.extensions import csrf
+from partner_app.logging import bind_operator
 from partner_app.webhooks import inbox
 from partner_app.webhooks.jobs import enqueue_processing
 
@@ -30,23 +31,27 @@ bp = Blueprint("webhooks", __name__)
 def receive(route_key: str):
     settings = current_app.extensions["settings"]
     if (request.content_length or 0) > settings.webhook_max_body:
+        metrics.webhook_delivery("rejected")
         return jsonify(error="too_large"), 413
     # The raw bytes the signature covers, read with a cap: a chunked body has no
     # Content-Length to refuse up front.
     body = request.stream.read(settings.webhook_max_body + 1)
     if len(body) > settings.webhook_max_body:
+        metrics.webhook_delivery("rejected")
         return jsonify(error="too_large"), 413
     try:
         received = inbox.receive(route_key, body, dict(request.headers),
                                  vault=current_app.extensions["vault"],
                                  now=datetime.now(UTC),
                                  tolerance=settings.webhook_tolerance)
+        bind_operator(received.event.operator_id)
         if not received.duplicate:
             enqueue_processing(received.event.id)
         failpoints.reach("webhook_before_commit")
         db.session.commit()
     except inbox.Rejected as rejected:
         db.session.rollback()
+        metrics.webhook_delivery("rejected")
         log.info("webhook.rejected", extra={"reason": rejected.reason,
                                             "status": rejected.status})
         if rejected.status == 404:
@@ -55,5 +60,7 @@ def receive(route_key: str):
     except SQLAlchemyError:
         db.session.rollback()
         log.exception("webhook.store_failed")
+        metrics.webhook_delivery("failed")
         return jsonify(error="unavailable"), 503
+    metrics.webhook_delivery("duplicate" if received.duplicate else "accepted")
     return jsonify(received=True, duplicate=received.duplicate), 200
