@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from rq import Retry
 from rq.job import Job, get_current_job
 
+from partner_app import failpoints
 from partner_app.db import db
 from partner_app.queueing import QUEUE_WEBHOOKS, get_queue, get_redis
 from partner_app.webhooks import handlers, inbox
@@ -142,6 +143,7 @@ def _apply(event_row_id: int, holder: inbox.Holder, *, retry_on_failure: bool) -
             return "ignored"
         outcome = handler(json.loads(event.body)["event"], event.operator_id, now)
         inbox.settle(event_row_id, holder, InboxStatus.PROCESSED, now=now)
+        failpoints.reach("webhook_handler_before_commit")
         db.session.commit()
     except inbox.ClaimLost:
         db.session.rollback()
