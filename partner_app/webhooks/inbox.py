@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -231,6 +231,20 @@ class Holder:
     delivery: int = 0
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed event: what its handler needs."""
+
+    id: int
+    operator_id: int
+    event_type: str
+    body: str
+
+
+_CLAIMED = (WebhookEvent.id, WebhookEvent.operator_id, WebhookEvent.event_type,
+            WebhookEvent.body)
+
+
 class ClaimLost(Exception):
     """The claim passed to someone else (a lapsed lease); this holder must not settle."""
 
@@ -257,7 +271,7 @@ def _claim_values(holder: Holder, now: datetime) -> dict[str, Any]:
 
 
 def claim(event_id: int, *, now: datetime, holder: Holder = Holder(),
-          replay: bool = False) -> WebhookEvent | None:
+          replay: bool = False) -> Claimed | None:
     """Move one event to ``processing`` for ``holder`` if nobody else is working on it.
     None = not ours.
 
@@ -271,23 +285,21 @@ def claim(event_id: int, *, now: datetime, holder: Holder = Holder(),
                      WebhookEvent.claimed_at < now - CLAIM_LEASE)]
     if holder.job_id is not None:
         takeover.append(_taken_over(holder))
-    claimed = db.session.execute(
+    row = db.session.execute(
         update(WebhookEvent)
         .where(WebhookEvent.id == event_id,
                or_(WebhookEvent.status.in_(allowed), *takeover))
-        .values(_claim_values(holder, now))
-        .execution_options(synchronize_session=False))
-    if claimed.rowcount != 1:
-        return None
-    return db.session.get(WebhookEvent, event_id, populate_existing=True)
+        .values(_claim_values(holder, now)).returning(*_CLAIMED)
+        .execution_options(synchronize_session=False)).first()
+    return Claimed(*row) if row is not None else None
 
 
-def claim_batch(holder: Holder, *, now: datetime, limit: int) -> list[int]:
+def claim_batch(holder: Holder, *, now: datetime, limit: int) -> list[Claimed]:
     """Claim up to ``limit`` events for ``holder``, oldest first: first those an earlier
     delivery of its job left behind, then pending ones. Concurrent drains never claim
     the same event (PostgreSQL skips rows another drain is claiming; SQLite has one
-    writer). Returns the claimed ids in id order."""
-    claimed: list[int] = []
+    writer). Returns the claimed events in id order."""
+    claimed: list[Claimed] = []
     conditions = [WebhookEvent.status == InboxStatus.PENDING]
     if holder.job_id is not None and holder.delivery > 0:
         conditions.insert(0, _taken_over(holder))
@@ -297,18 +309,20 @@ def claim_batch(holder: Holder, *, now: datetime, limit: int) -> list[int]:
             break
         candidates = (select(WebhookEvent.id).where(condition).order_by(WebhookEvent.id)
                       .limit(wanted).with_for_update(skip_locked=True))
-        claimed += db.session.scalars(
+        claimed += [Claimed(*row) for row in db.session.execute(
             update(WebhookEvent).where(WebhookEvent.id.in_(candidates), condition)
-            .values(_claim_values(holder, now)).returning(WebhookEvent.id)
-            .execution_options(synchronize_session=False)).all()
-    return sorted(claimed)
+            .values(_claim_values(holder, now)).returning(*_CLAIMED)
+            .execution_options(synchronize_session=False))]
+    return sorted(claimed, key=lambda event: event.id)
 
 
-def settle(event_id: int, holder: Holder, status: InboxStatus, *, now: datetime,
-           error: str | None = None) -> None:
-    """End ``holder``'s claim with ``status`` (in the transaction of the handler's
-    effects, so both commit or neither). Raises ClaimLost if the claim is no longer
-    held."""
+def settle(event_ids: Sequence[int], holder: Holder, status: InboxStatus, *,
+           now: datetime, error: str | None = None) -> None:
+    """End ``holder``'s claims on ``event_ids`` with ``status``, in the transaction of
+    the handlers' effects (so both commit or neither). Raises ClaimLost if any of them
+    is no longer held."""
+    if not event_ids:
+        return
     values: dict[str, Any] = {"status": status, "last_error": error,
                               "claimed_by": None, "claim_delivery": None}
     if status == InboxStatus.FAILED:
@@ -316,10 +330,10 @@ def settle(event_id: int, holder: Holder, status: InboxStatus, *, now: datetime,
     else:
         values["processed_at"] = now
     result = db.session.execute(
-        update(WebhookEvent).where(WebhookEvent.id == event_id, _held_by(holder))
+        update(WebhookEvent).where(WebhookEvent.id.in_(event_ids), _held_by(holder))
         .values(values).execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        raise ClaimLost(f"event {event_id} is no longer held by {holder}")
+    if result.rowcount != len(event_ids):
+        raise ClaimLost(f"events {list(event_ids)} are no longer all held by {holder}")
 
 
 def stale(*, now: datetime, pending_for: timedelta, limit: int) -> list[int]:

@@ -36,7 +36,7 @@ from partner_app import failpoints
 from partner_app.db import db
 from partner_app.queueing import QUEUE_WEBHOOKS, get_queue, get_redis
 from partner_app.webhooks import handlers, inbox
-from partner_app.webhooks.models import InboxStatus, WebhookEvent
+from partner_app.webhooks.models import InboxStatus
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,12 @@ def drain_inbox() -> dict:
     started = time.monotonic()
     counts = {"processed": 0, "ignored": 0, "failed": 0, "lost": 0}
     while True:
-        ids = inbox.claim_batch(holder, now=datetime.now(UTC), limit=DRAIN_BATCH)
+        batch = inbox.claim_batch(holder, now=datetime.now(UTC), limit=DRAIN_BATCH)
         db.session.commit()
-        if not ids:
+        if not batch:
             break
-        for event_row_id in ids:
-            counts[_apply(event_row_id, holder, retry_on_failure=True)] += 1
+        for outcome in _apply_batch(batch, holder):
+            counts[outcome] += 1
         if time.monotonic() - started > DRAIN_BUDGET_SECONDS:
             request_drain()
             break
@@ -127,51 +127,72 @@ def process_webhook_event(event_row_id: int, replay: bool = False) -> dict:
         db.session.rollback()
         return {"skipped": True}
     db.session.commit()  # the claim is visible to every other worker from here
-    outcome = _apply(event_row_id, holder, retry_on_failure=False)
-    return {"status": outcome}
+    return {"status": _apply(event, holder, retry_on_failure=False)}
 
 
-def _apply(event_row_id: int, holder: inbox.Holder, *, retry_on_failure: bool) -> str:
+def _handle(event: inbox.Claimed, now: datetime) -> str:
+    """Run the event's handler (flush only); returns processed or ignored."""
+    handler = handlers.handler_for(event.event_type)
+    if handler is None:
+        return InboxStatus.IGNORED
+    handler(json.loads(event.body)["event"], event.operator_id, now)
+    return InboxStatus.PROCESSED
+
+
+def _apply_batch(batch: list[inbox.Claimed], holder: inbox.Holder) -> list[str]:
+    """Apply a batch in one transaction: one commit (one fsync) for all of it. If any
+    handler raises or a claim was lost, nothing of the batch commits and each event is
+    applied on its own, so one bad event costs only itself."""
+    now = datetime.now(UTC)
+    try:
+        outcomes = {event.id: _handle(event, now) for event in batch}
+        for status in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
+            inbox.settle([i for i, s in outcomes.items() if s == status], holder, status,
+                         now=now)
+        failpoints.reach("webhook_handler_before_commit")
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        if len(batch) == 1:
+            return [_apply(batch[0], holder, retry_on_failure=True)]
+        log.info("webhook.batch_split", extra={"events": len(batch)})
+        return [_apply(event, holder, retry_on_failure=True) for event in batch]
+    return [str(outcome) for outcome in outcomes.values()]
+
+
+def _apply(event: inbox.Claimed, holder: inbox.Holder, *, retry_on_failure: bool) -> str:
     """Run the handler of one claimed event and settle the claim; returns the outcome."""
     now = datetime.now(UTC)
-    event = db.session.get(WebhookEvent, event_row_id)
-    handler = handlers.handler_for(event.event_type)
     try:
-        if handler is None:
-            inbox.settle(event_row_id, holder, InboxStatus.IGNORED, now=now)
-            db.session.commit()
-            return "ignored"
-        outcome = handler(json.loads(event.body)["event"], event.operator_id, now)
-        inbox.settle(event_row_id, holder, InboxStatus.PROCESSED, now=now)
+        outcome = _handle(event, now)
+        inbox.settle([event.id], holder, outcome, now=now)
         failpoints.reach("webhook_handler_before_commit")
         db.session.commit()
     except inbox.ClaimLost:
         db.session.rollback()
-        log.warning("webhook.claim_lost", extra={"event_row": event_row_id})
+        log.warning("webhook.claim_lost", extra={"event_row": event.id})
         return "lost"
     except Exception as exc:
         db.session.rollback()
-        _mark_failed(event_row_id, holder, exc)
+        _mark_failed(event.id, holder, exc)
         if not retry_on_failure:
             raise
         # The drain carries on with the other events; this one gets its own job, with
-        # the backoff of PROCESS_RETRY.
+        # the backoff of RETRY_FAILED.
         try:
             get_queue(QUEUE_WEBHOOKS).enqueue_in(
-                RETRY_FAILED_AFTER, PROCESS, event_row_id, job_id=job_id(event_row_id),
+                RETRY_FAILED_AFTER, PROCESS, event.id, job_id=job_id(event.id),
                 retry=RETRY_FAILED, meta={"retry_max": RETRY_FAILED.max},
                 failure_ttl=7 * 86400)
         except Exception:
             log.exception("job.enqueue_failed", extra={"job_func": PROCESS})
         return "failed"
-    log.info("webhook.processed", extra={"event_row": event_row_id,
-                                         "type": event.event_type, "outcome": outcome})
-    return "processed"
+    return str(outcome)
 
 
 def _mark_failed(event_row_id: int, holder: inbox.Holder, exc: Exception) -> None:
     try:
-        inbox.settle(event_row_id, holder, InboxStatus.FAILED, now=datetime.now(UTC),
+        inbox.settle([event_row_id], holder, InboxStatus.FAILED, now=datetime.now(UTC),
                      error=f"{type(exc).__name__}: {exc}"[:500])
         db.session.commit()
     except inbox.ClaimLost:
