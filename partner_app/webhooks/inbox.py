@@ -123,11 +123,6 @@ def route_secret(route: Route, *, vault: Vault) -> str:
     return secret
 
 
-def forget_secrets() -> None:
-    """Empty this process's secret cache."""
-    _secrets.clear()
-
-
 def subscription_secret(sub: WebhookSubscription, *, vault: Vault) -> str:
     key = db.session.get(DataKey, sub.data_key_id)
     if key is None:
@@ -151,25 +146,47 @@ def _envelope(body: bytes) -> tuple[str, str, dict[str, Any]]:
     return event_id, event_type, event
 
 
-_STORE: dict[str, Any] = {}  # one prepared statement per dialect
+_STORE: dict[tuple[str, bool], Any] = {}  # built once per (dialect, guarded)
+_EVENT_VALUES = ("operator_id", "subscription_id", "event_id", "event_type", "signed_at",
+                 "received_at", "body", "headers", "status", "deliveries", "attempts")
 
 
-def _store_statement(dialect: str):
+def _store_statement(dialect: str, *, guarded: bool):
     """Insert the event, or count one more delivery of it: one statement either way.
 
     ``deliveries`` comes back 1 for a new row and more for a duplicate, which tells the
-    two apart on PostgreSQL and SQLite alike.
+    two apart on PostgreSQL and SQLite alike. The guarded form inserts only while the
+    subscription is still live with the very key material the signature was checked
+    against (no row back otherwise), so a route remembered by this process costs no
+    read of its own and still sees a disable, a rotation or a destroyed key at once.
     """
-    statement = _STORE.get(dialect)
-    if statement is None:
-        insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
-        if insert is None:
-            raise NotImplementedError(f"no INSERT … ON CONFLICT for {dialect}")
-        statement = (insert(_events)
-                     .on_conflict_do_update(index_elements=["operator_id", "event_id"],
-                                            set_={"deliveries": _events.c.deliveries + 1})
-                     .returning(_events.c.id, _events.c.deliveries))
-        _STORE[dialect] = statement
+    statement = _STORE.get((dialect, guarded))
+    if statement is not None:
+        return statement
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    if insert is None:
+        raise NotImplementedError(f"no INSERT … ON CONFLICT for {dialect}")
+    if guarded:
+        params = {name: bindparam(name, type_=_events.c[name].type)
+                  for name in _EVENT_VALUES if name not in ("operator_id", "subscription_id")}
+        source = (select(_subs.c.operator_id, _subs.c.id, *params.values())
+                  .select_from(_subs.join(_keys, _keys.c.id == _subs.c.data_key_id))
+                  .where(_subs.c.id == bindparam("route_subscription_id"),
+                         _subs.c.secret_ct == bindparam("route_secret_ct"),
+                         _keys.c.wrapped_key == bindparam("route_wrapped_key"),
+                         _keys.c.destroyed_at.is_(None),
+                         or_(_subs.c.status == SubscriptionStatus.ACTIVE,
+                             and_(_subs.c.status == SubscriptionStatus.RETIRING,
+                                  _subs.c.retire_after > bindparam(
+                                      "route_now", type_=_subs.c.retire_after.type)))))
+        statement = insert(_events).from_select(list(_EVENT_VALUES), source)
+    else:
+        statement = insert(_events)
+    statement = (statement
+                 .on_conflict_do_update(index_elements=["operator_id", "event_id"],
+                                        set_={"deliveries": _events.c.deliveries + 1})
+                 .returning(_events.c.id, _events.c.deliveries))
+    _STORE[(dialect, guarded)] = statement
     return statement
 
 
@@ -179,14 +196,38 @@ _MARK_DELIVERY = (update(_subs)
                              _subs.c.last_delivery_at < bindparam("cutoff")))
                   .values(last_delivery_at=bindparam("now")))
 
+# Routes this process verified recently: (expires, route, secret). Used only through
+# the guarded store above, which re-checks the route in the same statement.
+_routes: dict[str, tuple[float, Route, str]] = {}
+# When this process last marked each subscription's last_delivery_at.
+_marked: dict[int, datetime] = {}
+
 
 def receive(conn: Connection, route_key: str, body: bytes, headers: Mapping[str, str], *,
             vault: Vault, now: datetime, tolerance: int) -> Received:
     """Verify and store one delivery on ``conn`` (the caller commits). Raises Rejected.
 
-    Three statements at most: the route read, the store (insert or count a duplicate),
-    and, at most once a minute per subscription, its ``last_delivery_at``.
+    A route this process verified in the last SECRET_CACHE_TTL seconds costs one
+    statement (the guarded store); otherwise the route is read, its secret decrypted
+    (or taken from the cache) and the event stored. A delivery the remembered secret
+    does not verify, or whose guarded store finds the route changed, takes the full
+    path, so the answer is always the one the current route gives.
     """
+    if not route_key or len(route_key) > 64:
+        raise Rejected(404, "unknown_route")
+    remembered = _routes.get(route_key)
+    if remembered is not None and remembered[0] > time.monotonic():
+        _, route, secret = remembered
+        try:
+            signed_at = verify(body, headers.get(HEADER), [secret], now=now.timestamp(),
+                               tolerance=tolerance)
+        except SignatureError:
+            signed_at = None
+        if signed_at is not None:
+            received = _store(conn, route, body, headers, signed_at, now=now, guarded=True)
+            if received is not None:
+                return received
+        _routes.pop(route_key, None)
     route = find_route(conn, route_key, now=now)
     if route is None:
         raise Rejected(404, "unknown_route")
@@ -200,21 +241,46 @@ def receive(conn: Connection, route_key: str, body: bytes, headers: Mapping[str,
                            tolerance=tolerance)
     except SignatureError as exc:
         raise Rejected(401 if exc.reason == "no_match" else 400, exc.reason) from None
+    received = _store(conn, route, body, headers, signed_at, now=now, guarded=False)
+    if len(_routes) >= SECRET_CACHE_MAX:
+        _routes.clear()
+    _routes[route_key] = (time.monotonic() + SECRET_CACHE_TTL, route, secret)
+    return received
+
+
+def _store(conn: Connection, route: Route, body: bytes, headers: Mapping[str, str],
+           signed_at: int, *, now: datetime, guarded: bool) -> Received | None:
+    """Store a verified delivery; None if ``guarded`` and the route changed."""
     event_id, event_type, _ = _envelope(body)
-    kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
-    row = conn.execute(_store_statement(conn.dialect.name), {
-        "operator_id": route.operator_id, "subscription_id": route.subscription_id,
-        "event_id": event_id, "event_type": event_type,
-        "signed_at": datetime.fromtimestamp(signed_at, UTC), "received_at": now,
-        "body": body.decode("utf-8"), "headers": kept, "status": InboxStatus.PENDING,
-        "deliveries": 1, "attempts": 0}).one()
+    values = {"operator_id": route.operator_id, "subscription_id": route.subscription_id,
+              "event_id": event_id, "event_type": event_type,
+              "signed_at": datetime.fromtimestamp(signed_at, UTC), "received_at": now,
+              "body": body.decode("utf-8"),
+              "headers": {name: headers[name] for name in KEPT_HEADERS if name in headers},
+              "status": InboxStatus.PENDING, "deliveries": 1, "attempts": 0}
+    if guarded:
+        values.update(route_subscription_id=route.subscription_id,
+                      route_secret_ct=route.secret_ct, route_wrapped_key=route.wrapped_key,
+                      route_now=now)
+    row = conn.execute(_store_statement(conn.dialect.name, guarded=guarded), values).first()
+    if row is None:
+        return None
     duplicate = row.deliveries > 1
-    if not duplicate and (route.last_delivery_at is None
-                          or now - route.last_delivery_at > DELIVERY_MARK_EVERY):
-        # Coarse on purpose: one write a minute per subscription, not one per delivery.
-        conn.execute(_MARK_DELIVERY, {"sub_id": route.subscription_id, "now": now,
-                                      "cutoff": now - DELIVERY_MARK_EVERY})
+    if not duplicate:
+        last = _marked.get(route.subscription_id) or route.last_delivery_at
+        if last is None or now - last > DELIVERY_MARK_EVERY:
+            # Coarse on purpose: one write a minute per subscription and process.
+            conn.execute(_MARK_DELIVERY, {"sub_id": route.subscription_id, "now": now,
+                                          "cutoff": now - DELIVERY_MARK_EVERY})
+            _marked[route.subscription_id] = now
     return Received(event_row_id=row.id, duplicate=duplicate)
+
+
+def forget_routes() -> None:
+    """Empty this process's memory of routes and secrets."""
+    _routes.clear()
+    _secrets.clear()
+    _marked.clear()
 
 
 # Longer than any job may run (RQ's default timeout is 180 s): an older claim is dead
