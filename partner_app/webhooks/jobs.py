@@ -53,6 +53,10 @@ DRAIN_MARK = "webhooks:drain-queued"
 # starts (its enqueue failed after the marker was set, Redis lost the queue): the next
 # delivery after that queues a drain again.
 DRAIN_MARK_TTL = 10
+# A process that asked for a drain less than this long ago skips asking again; every
+# drain in turn keeps claiming for at least this long after it deleted the marker, so
+# an event whose request was skipped is still seen (see request_drain).
+DRAIN_COALESCE_SECONDS = 0.05
 DRAIN_BATCH = 50
 DRAIN_BUDGET_SECONDS = 20.0  # then hand over to a fresh drain (other queues get a turn)
 RETRY_FAILED_AFTER = timedelta(seconds=5)
@@ -64,14 +68,28 @@ def job_id(event_row_id: int) -> str:
     return f"webhook-{event_row_id}"
 
 
+_last_request = -1e9  # monotonic time this process last asked Redis for a drain
+
+
 def request_drain() -> bool:
     """Make sure a drain will look at the inbox after this point (call after commit).
 
-    True if this call queued one; False if one was already queued and not yet
-    started. Raises if Redis cannot be reached (the sweeper covers the event).
+    True if this call queued one. Raises if Redis cannot be reached (the sweeper covers
+    the event).
+
+    Under load most calls find the marker set, so a process that asked less than
+    DRAIN_COALESCE_SECONDS ago does not ask again. That is safe: the marker existed
+    when it last asked, so a drain either is still queued (and will claim this event)
+    or deleted the marker after that moment; and a drain keeps claiming until at least
+    DRAIN_COALESCE_SECONDS after its delete, which is after this event's commit.
     """
+    global _last_request
+    asked_at = time.monotonic()
+    if asked_at - _last_request < DRAIN_COALESCE_SECONDS:
+        return False
     connection = get_redis()
     if not connection.set(DRAIN_MARK, b"1", nx=True, ex=DRAIN_MARK_TTL):
+        _last_request = asked_at
         return False
     try:
         get_queue(QUEUE_WEBHOOKS).enqueue(
@@ -82,6 +100,7 @@ def request_drain() -> bool:
         with contextlib.suppress(Exception):
             connection.delete(DRAIN_MARK)
         raise
+    _last_request = asked_at
     return True
 
 
@@ -107,7 +126,17 @@ def drain_inbox() -> dict:
         batch = inbox.claim_batch(holder, now=datetime.now(UTC), limit=DRAIN_BATCH)
         db.session.commit()
         if not batch:
-            break
+            # Events whose drain request was coalesced (request_drain) committed no
+            # later than DRAIN_COALESCE_SECONDS after the marker's delete: look once
+            # more after that before stopping.
+            wait = started + DRAIN_COALESCE_SECONDS - time.monotonic()
+            if wait <= 0:
+                break
+            time.sleep(wait)
+            batch = inbox.claim_batch(holder, now=datetime.now(UTC), limit=DRAIN_BATCH)
+            db.session.commit()
+            if not batch:
+                break
         for outcome in _apply_batch(batch, holder):
             counts[outcome] += 1
         if time.monotonic() - started > DRAIN_BUDGET_SECONDS:
