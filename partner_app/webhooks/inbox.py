@@ -4,6 +4,12 @@
 verify the signature over the raw bytes, parse, and insert the event once per
 ``(operator, event.id)``. The caller commits and only then answers 2xx; a duplicate
 counts a delivery and changes nothing else.
+
+Each web process remembers, for a minute and in memory only, the routes it verified
+and their decrypted secrets: a delivery to such a route costs one guarded statement
+that re-checks the route in the database, so nothing remembered outlives a disable, a
+new secret or a destroyed key. ``claim``, ``claim_batch`` and ``settle`` fence
+processing by the job delivery that holds each claim.
 """
 
 from __future__ import annotations
@@ -274,13 +280,6 @@ def _store(conn: Connection, route: Route, body: bytes, headers: Mapping[str, st
                                           "cutoff": now - DELIVERY_MARK_EVERY})
             _marked[route.subscription_id] = now
     return Received(event_row_id=row.id, duplicate=duplicate)
-
-
-def forget_routes() -> None:
-    """Empty this process's memory of routes and secrets."""
-    _routes.clear()
-    _secrets.clear()
-    _marked.clear()
 
 
 # Longer than any job may run (RQ's default timeout is 180 s): an older claim is dead
