@@ -1,21 +1,23 @@
 """Webhook receipt benchmark: signed ``order.created`` deliveries against the real app.
 
-    python -m bench.webhooks [--connections 16] [--seconds 20] [--workers 2] [--sqlite]
+    python -m bench.webhooks [--connections 16] [--seconds 15] [--workers 2] [--rate N]
+                             [--generator wrk|python] [--sqlite] [--keep]
 
 Two servers run with the very same command line, ``partner-app web`` (gunicorn, gthread,
 2 workers x 4 threads, access log on): the platform, and a bare Flask app that reads the
 body and answers 200 (``partner-app web`` started from a folder whose ``wsgi.py`` is
-that bare app). A Python load generator (threads, one keep-alive ``http.client``
-connection each) sends deliveries signed like Stora's, 10% of them exact copies of an
-earlier delivery (Stora's retries). Phases:
+that bare app). Deliveries are signed like Stora's, 10% of them exact copies of an
+earlier delivery (Stora's retries). Saturated phases are driven by wrk replaying
+requests signed just before the phase (``bench/webhooks_wrk.lua``); the paced phase by
+Python threads, one keep-alive ``http.client`` connection each. Phases:
 
 1. bare endpoint, saturated (closed loop, ``--connections``);
-2. the platform, saturated, while ``--workers`` real ``partner-app worker webhooks``
-   processes drain the inbox: **accepted deliveries/s** and the ratio to phase 1
-   (target >= 0.5);
-3. the platform at a fixed rate (``--rate``, default half of phase 2), workers still
-   draining the backlog: **p99 acknowledgement latency** (target <= 50 ms), measured
-   from each request's scheduled start so queueing delay is not hidden;
+2. the platform, saturated, no workers: **accepted deliveries/s** and the ratio to
+   phase 1 (target >= 0.5); then saturated again while ``--workers`` real
+   ``partner-app worker webhooks`` processes drain the inbox;
+3. the platform at a fixed rate (``--rate``, default half of the draining rate), workers
+   still draining: **p99 acknowledgement latency** (target <= 50 ms), measured from
+   each request's scheduled start so queueing delay is not hidden;
 4. the workers finish the backlog (at most ``--drain-seconds``): **drain rate**, events
    processed per second, during the load phases and after them.
 
