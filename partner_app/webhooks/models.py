@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from partner_app.db import db, utcnow
@@ -82,7 +82,9 @@ class WebhookEvent(db.Model):
 
     __tablename__ = "webhook_events"
     __table_args__ = (UniqueConstraint("operator_id", "event_id",
-                                       name="uq_webhook_events_operator_event"),)
+                                       name="uq_webhook_events_operator_event"),
+                      # The drain claims the oldest pending events: no sort, no scan.
+                      Index("ix_webhook_events_status_id", "status", "id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id", ondelete="CASCADE"))
@@ -90,7 +92,7 @@ class WebhookEvent(db.Model):
         ForeignKey("webhook_subscriptions.id", ondelete="SET NULL"))
     event_id: Mapped[str] = mapped_column(String(100))
     event_type: Mapped[str] = mapped_column(String(100), index=True)
-    status: Mapped[str] = mapped_column(String(20), default=InboxStatus.PENDING, index=True)
+    status: Mapped[str] = mapped_column(String(20), default=InboxStatus.PENDING)
     signed_at: Mapped[datetime]
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     body: Mapped[str] = mapped_column(Text)
@@ -99,6 +101,11 @@ class WebhookEvent(db.Model):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # When the current ``processing`` claim was taken; an old one means its job died.
     claimed_at: Mapped[datetime | None]
+    # The RQ job holding the ``processing`` claim and its delivery number: a later
+    # delivery of the same job (a retry after its worker died) takes the claim over at
+    # once; anyone else waits for the lease to lapse.
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claim_delivery: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(500))
     processed_at: Mapped[datetime | None]
 

@@ -3,7 +3,7 @@
 Answers: 200 stored (or already stored); 400/401 not authentic or malformed (nothing
 stored; Stora's retry is harmless); 404 unknown route (no detail); 413 too large;
 503 the database could not store it (Stora retries). A Redis outage does not fail a
-delivery: the row is committed, and the sweeper queues what the enqueue missed.
+delivery: the row is committed, and the sweeper queues what the drain request missed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from partner_app.db import db
 from partner_app.extensions import csrf
 from partner_app.logging import bind_operator
 from partner_app.webhooks import inbox
-from partner_app.webhooks.jobs import enqueue_processing
+from partner_app.webhooks.jobs import DRAIN, request_drain
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,11 @@ def receive(route_key: str):
         metrics.webhook_delivery("rejected")
         return jsonify(error="too_large"), 413
     try:
-        received = inbox.receive(route_key, body, dict(request.headers),
+        received = inbox.receive(db.session.connection(), route_key, body, request.headers,
                                  vault=current_app.extensions["vault"],
                                  now=datetime.now(UTC),
                                  tolerance=settings.webhook_tolerance)
-        bind_operator(received.event.operator_id)
-        if not received.duplicate:
-            enqueue_processing(received.event.id)
+        bind_operator(received.operator_id)
         failpoints.reach("webhook_before_commit")
         db.session.commit()
     except inbox.Rejected as rejected:
@@ -63,4 +61,11 @@ def receive(route_key: str):
         metrics.webhook_delivery("failed")
         return jsonify(error="unavailable"), 503
     metrics.webhook_delivery("duplicate" if received.duplicate else "accepted")
+    if not received.duplicate:
+        # After the commit: a drain that starts now finds the row.
+        try:
+            if request_drain():
+                log.info("job.enqueued", extra={"job_func": DRAIN, "queue": "webhooks"})
+        except Exception:
+            log.exception("job.enqueue_failed", extra={"job_func": DRAIN})
     return jsonify(received=True, duplicate=received.duplicate), 200

@@ -7,8 +7,9 @@ orders per operator are created at the sandbox, in two halves; between them ever
 (with its scheduler) is SIGKILLed at once and new ones are started. Two workers run side
 by side: each order costs two jobs (process the event, record the timeline entry), and
 one forking worker does about a dozen a second here. A work-horse in flight has its own
-process group and finishes its one job; an event whose horse dies too waits for the
-inbox sweeper to take over its five-minute claim, beyond this test's deadline. Then,
+process group and finishes its job; if a horse dies too, the events its drain had
+claimed pass to the next delivery of that drain job (fenced claims), without waiting
+for the five-minute claim lease. Then,
 within the deadline: exactly one mirrored order per created order, exactly one timeline
 event per order at the sandbox (action key ``order.created:<order id>``), every inbox
 row processed, and no webhook secret anywhere but in its ciphertext.

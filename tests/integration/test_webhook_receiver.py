@@ -9,7 +9,9 @@ deliveries to ``POST /webhooks/stora/<route key>``.
     400, unknown event type stored and ignored;
 (c) any arrival and processing order of several events for one order ends with the
     newest order in ``synced_orders``;
-(d) a failed handler keeps its error on the row and ``replay_event`` runs it again.
+(d) a failed handler keeps its error on the row and ``replay_event`` runs it again;
+(e) a route this process verified a moment ago is re-checked on every delivery: a
+    disable, a new secret or a destroyed data key takes effect at once.
 
 Subscriptions are made directly (status ``active``, a known secret encrypted with the
 operator's data key, as the reconciler stores it); processing runs in a real forking
@@ -37,12 +39,13 @@ import requests
 import time_machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from partner_app.connections.credentials import cipher_for_key, live_data_key
 from partner_app.connections.models import Operator, OperatorStatus
 from partner_app.db import db
 from partner_app.queueing import QUEUE_WEBHOOKS, get_queue
+from partner_app.security.models import DataKey
 from partner_app.stora.signatures import HEADER, sign
 from partner_app.sync.models import SyncedOrder
 from partner_app.timeline.models import TimelineEvent
@@ -481,3 +484,52 @@ def test_a_failed_handler_keeps_its_error_and_a_replay_runs_it_again(client, app
     # RQ's own retry of the failed attempt, arriving after the replay, changes nothing.
     assert jobs.process_webhook_event(row.id) == {"skipped": True}
     assert inbox_rows(hook.operator_id)[0].attempts == 2
+
+
+# -- (e) what this process remembers of a route never outlives the route -------------------
+def _deliver(client, hook: Hook, secret: str | None = None):
+    body = encode(envelope())
+    return _post(client, hook, body, signed_headers(body, secret or hook.secret))
+
+
+def _change_subscription(app, hook: Hook, **values) -> None:
+    with app.app_context():
+        db.session.execute(update(WebhookSubscription).where(
+            WebhookSubscription.id == hook.subscription_id).values(**values))
+        db.session.commit()
+
+
+def test_a_disabled_route_is_404_at_once_though_it_was_just_verified(client, app_ctx, hook):
+    assert _deliver(client, hook).status_code == 200  # remembered from here on
+    _change_subscription(app_ctx, hook, status=SubscriptionStatus.DISABLED)
+    assert _deliver(client, hook).status_code == 404
+    assert len(inbox_rows(hook.operator_id)) == 1
+
+
+def test_a_replaced_secret_verifies_at_once_and_the_old_one_no_longer_does(client, app_ctx,
+                                                                            hook):
+    assert _deliver(client, hook).status_code == 200
+    new_secret = secrets.token_hex(32)
+    vault = app_ctx.extensions["vault"]
+    with app_ctx.app_context():
+        sub = db.session.get(WebhookSubscription, hook.subscription_id)
+        key = db.session.get(DataKey, sub.data_key_id)
+        sub.secret_ct = cipher_for_key(key, vault=vault).encrypt(SECRET_TABLE, SECRET_COLUMN,
+                                                                 new_secret)
+        db.session.commit()
+    assert _deliver(client, hook, new_secret).status_code == 200
+    old = _deliver(client, hook)
+    assert (old.status_code, old.get_json()) == (401, {"error": "no_match"})
+    assert len(inbox_rows(hook.operator_id)) == 2
+
+
+def test_a_destroyed_data_key_stops_deliveries_at_once(client, app_ctx, hook):
+    assert _deliver(client, hook).status_code == 200
+    with app_ctx.app_context():
+        key_id = db.session.get(WebhookSubscription, hook.subscription_id).data_key_id
+        db.session.execute(update(DataKey).where(DataKey.id == key_id).values(
+            wrapped_key=None, destroyed_at=datetime.now(UTC)))
+        db.session.commit()
+    resp = _deliver(client, hook)
+    assert (resp.status_code, resp.get_json()) == (503, {"error": "secret_unreadable"})
+    assert len(inbox_rows(hook.operator_id)) == 1
