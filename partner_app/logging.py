@@ -56,18 +56,24 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def configure_logging(settings: Settings) -> None:
+    handlers = {"stderr": {"class": "logging.StreamHandler", "formatter": "kv",
+                           "filters": ["redact"]}}
+    if settings.log_file:
+        handlers["file"] = {"class": "logging.FileHandler", "filename": settings.log_file,
+                            "formatter": "kv", "filters": ["redact"]}
     logging.config.dictConfig({
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"redact": {"()": RedactingFilter}},
         "formatters": {"kv": {"()": KeyValueFormatter,
                               "format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "kv",
-                                "filters": ["redact"]}},
-        "root": {"level": settings.log_level, "handlers": ["stderr"]},
+        "handlers": handlers,
+        "root": {"level": settings.log_level, "handlers": list(handlers)},
         "loggers": {
             # Authlib logs the PKCE verifier at DEBUG; urllib3 logs full URLs at DEBUG.
             "authlib": {"level": "INFO"},
             "urllib3": {"level": "INFO"},
+            # LOG_LEVELS overrides (the secret canary runs Authlib at DEBUG).
+            **{name: {"level": level} for name, level in settings.log_levels},
         },
     })

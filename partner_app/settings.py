@@ -114,6 +114,8 @@ class Settings:
     http_connect_timeout: float = 3.0
     http_read_timeout: float = 10.0
     log_level: str = "INFO"
+    log_levels: tuple[tuple[str, str], ...] = ()  # per-logger overrides (LOG_LEVELS)
+    log_file: str | None = None  # also append log lines here (LOG_FILE)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     webhook_event_types: tuple[str, ...] = ("order.created",)
     webhook_tolerance: int = 300
@@ -246,6 +248,14 @@ class Settings:
         log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        log_levels = []
+        for item in env.get("LOG_LEVELS", "").replace(",", " ").split():
+            name, _, level = item.partition("=")
+            if not name or level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                problems.append(f"LOG_LEVELS entries are logger=LEVEL, got {item!r}")
+            else:
+                log_levels.append((name, level.upper()))
+        log_file = env.get("LOG_FILE", "").strip() or None
 
         raw_types = env.get("WEBHOOK_EVENT_TYPES", "").replace(",", " ").split()
         webhook_event_types = tuple(dict.fromkeys(raw_types)) or ("order.created",)
@@ -278,6 +288,8 @@ class Settings:
             install_state_ttl=install_state_ttl,
             install_link_ttl=install_link_ttl,
             log_level=log_level,
+            log_levels=tuple(log_levels),
+            log_file=log_file,
             rate_limit=rate_limit,
             webhook_event_types=webhook_event_types,
             webhook_tolerance=webhook_tolerance,
