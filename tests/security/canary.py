@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,10 @@ def _record(where: str, detail: str) -> None:
 def configure(config: pytest.Config) -> None:
     """Make every process this run starts (and this one) log loudly to a known place and
     the sandbox issue marked secrets; inherited through ``os.environ``."""
-    log_dir = Path(os.environ.get(LOG_DIR_ENV) or tempfile.mkdtemp(prefix="secret-canary-"))
+    chosen = os.environ.get(LOG_DIR_ENV)
+    log_dir = Path(chosen or tempfile.mkdtemp(prefix="secret-canary-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    config.stash[_OWN_LOG_DIR] = not chosen
     os.environ[ENV_SWITCH] = "1"
     os.environ[LOG_DIR_ENV] = str(log_dir)
     os.environ.update(env())
@@ -111,6 +114,7 @@ def configure(config: pytest.Config) -> None:
 
 
 _LOG_DIR = pytest.StashKey[Path]()
+_OWN_LOG_DIR = pytest.StashKey[bool]()
 
 
 def env() -> dict[str, str]:
@@ -220,3 +224,10 @@ def finish(session: pytest.Session) -> None:
             print(line)
     if HITS:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines = [f"secret canary: the shared log is kept in {roots[0]}"]
+    elif config.stash[_OWN_LOG_DIR]:
+        shutil.rmtree(roots[0], ignore_errors=True)
+        lines = []
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line)
