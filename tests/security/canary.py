@@ -217,17 +217,13 @@ def finish(session: pytest.Session) -> None:
     lines = [f"secret canary: {len(HITS)} hit(s) of the marker in {files} log file(s), "
              "every scanned table and every scanned Redis key"]
     lines += [f"  {hit}" for hit in HITS]
+    if HITS:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines.append(f"secret canary: the shared log is kept in {roots[0]}")
+    elif config.stash[_OWN_LOG_DIR]:
+        shutil.rmtree(roots[0], ignore_errors=True)
     for line in lines:
         if reporter is not None:
             reporter.write_line(line, red=bool(HITS), green=not HITS)
         else:
             print(line)
-    if HITS:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        lines = [f"secret canary: the shared log is kept in {roots[0]}"]
-    elif config.stash[_OWN_LOG_DIR]:
-        shutil.rmtree(roots[0], ignore_errors=True)
-        lines = []
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line)
