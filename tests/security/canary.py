@@ -136,16 +136,23 @@ def scan_database(conn) -> None:
     """Search every column of every row of every table the connection can see."""
     import sqlalchemy as sa
 
-    inspector = sa.inspect(conn)
-    for table_name in inspector.get_table_names():
-        table = sa.Table(table_name, sa.MetaData(), autoload_with=conn)
+    names = tuple(sorted(sa.inspect(conn).get_table_names()))
+    key = (str(conn.engine.url), names)
+    if key not in _REFLECTED:  # reflecting every table before every truncate is slow
+        metadata = sa.MetaData()
+        metadata.reflect(conn, only=list(names))
+        _REFLECTED[key] = [metadata.tables[name] for name in names]
+    for table in _REFLECTED[key]:
         for row in conn.execute(sa.select(table)):
             for column, value in row._mapping.items():
                 if value is None:
                     continue
                 raw = value if isinstance(value, bytes | bytearray | memoryview) else str(value)
                 if found_in(bytes(raw) if not isinstance(raw, str) else raw):
-                    _record("database", f"{table_name}.{column}")
+                    _record("database", f"{table.name}.{column}")
+
+
+_REFLECTED: dict[tuple[str, tuple[str, ...]], list] = {}
 
 
 def scan_redis(conn) -> None:
