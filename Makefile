@@ -22,6 +22,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check partner_app stora_sandbox workers tests $(wildcard bench)
+	$(BIN)/bandit -q -r partner_app stora_sandbox workers -lll
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

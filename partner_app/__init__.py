@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Flask, Response, render_template
+from flask import Flask, render_template
 
 from partner_app.settings import Settings
 
@@ -14,7 +14,7 @@ MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web/worker/CLI application from settings (default: the environment)."""
     from partner_app import logging as app_logging
-    from partner_app import metrics, queueing
+    from partner_app import metrics, queueing, security_headers
     from partner_app.connections.views import bp as connections_bp
     from partner_app.dashboard import bp as dashboard_bp
     from partner_app.extensions import csrf, db, login_manager, migrate
@@ -69,15 +69,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhooks_bp)
     app.register_blueprint(health_bp)
 
-    @app.after_request
-    def security_headers(response: Response) -> Response:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
-        return response
+    security_headers.init_app(app)
 
     @app.errorhandler(404)
     def not_found(error) -> tuple[str, int]:

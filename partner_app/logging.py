@@ -182,20 +182,26 @@ def configure_logging(settings: Settings) -> None:
     loggers: dict[str, dict] = {
         # urllib3 logs full URLs at DEBUG.
         "urllib3": {"level": "INFO"},
+        # Authlib logs the PKCE verifier at DEBUG. In demo and test it follows LOG_LEVEL,
+        # and the redaction filter masks that line.
+        "authlib": {"level": settings.log_level},
+        # LOG_LEVELS overrides (the secret canary runs Authlib at DEBUG).
+        **{name: {"level": level} for name, level in settings.log_levels},
     }
-    if settings.is_production:
-        # Authlib logs the PKCE verifier at DEBUG: never below INFO in production. In demo
-        # and test it follows LOG_LEVEL, and the redaction filter masks that line.
-        loggers["authlib"] = {"level": "INFO" if settings.log_level == "DEBUG"
-                              else settings.log_level}
+    if settings.is_production and loggers["authlib"]["level"] == "DEBUG":
+        loggers["authlib"] = {"level": "INFO"}  # never below INFO in production
+    handlers = {"stderr": {"class": "logging.StreamHandler", "formatter": "line",
+                           "filters": ["context", "redact"]}}
+    if settings.log_file:
+        handlers["file"] = {"class": "logging.FileHandler", "filename": settings.log_file,
+                            "formatter": "line", "filters": ["context", "redact"]}
     logging.config.dictConfig({
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"context": {"()": ContextFilter}, "redact": {"()": RedactingFilter}},
         "formatters": {"line": {"()": formatter_for, "log_format": settings.log_format}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "line",
-                                "filters": ["context", "redact"]}},
-        "root": {"level": settings.log_level, "handlers": ["stderr"]},
+        "handlers": handlers,
+        "root": {"level": settings.log_level, "handlers": list(handlers)},
         "loggers": loggers,
     })
 

@@ -117,6 +117,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     metrics_token: str | None = field(default=None, repr=False)
+    log_levels: tuple[tuple[str, str], ...] = ()  # per-logger overrides (LOG_LEVELS)
+    log_file: str | None = None  # also append log lines here (LOG_FILE)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     webhook_event_types: tuple[str, ...] = ("order.created",)
     webhook_tolerance: int = 300
@@ -256,6 +258,14 @@ class Settings:
         metrics_token = env.get("METRICS_TOKEN", "").strip() or None
         if metrics_token is not None and len(metrics_token) < 16:
             problems.append("METRICS_TOKEN must be at least 16 characters")
+        log_levels = []
+        for item in env.get("LOG_LEVELS", "").replace(",", " ").split():
+            name, _, level = item.partition("=")
+            if not name or level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                problems.append(f"LOG_LEVELS entries are logger=LEVEL, got {item!r}")
+            else:
+                log_levels.append((name, level.upper()))
+        log_file = env.get("LOG_FILE", "").strip() or None
 
         raw_types = env.get("WEBHOOK_EVENT_TYPES", "").replace(",", " ").split()
         webhook_event_types = tuple(dict.fromkeys(raw_types)) or ("order.created",)
@@ -292,6 +302,8 @@ class Settings:
             log_level=log_level,
             log_format=log_format,
             metrics_token=metrics_token,
+            log_levels=tuple(log_levels),
+            log_file=log_file,
             rate_limit=rate_limit,
             webhook_event_types=webhook_event_types,
             webhook_tolerance=webhook_tolerance,

@@ -46,7 +46,7 @@ def create_app(config: SandboxConfig | None = None) -> Flask:
     # Keep the documented field order (ids first) instead of alphabetising keys.
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    store = Store(config.switches, config.clock)
+    store = Store(config.switches, config.clock, canary=config.canary)
     store.dispatcher = Dispatcher(store)
     for spec in config.applications:
         store.upsert_application(spec)

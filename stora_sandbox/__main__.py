@@ -5,13 +5,15 @@ Usage::
     python -m stora_sandbox [--host 127.0.0.1] [--port 5001]
         [--client-id ID --client-secret SECRET --redirect-uri URI [--redirect-uri URI2 ...]]
         [--seed demo] [--public-url http://127.0.0.1:5001]
-        [--set name=value ...] [--log-level INFO]
+        [--set name=value ...] [--log-level INFO] [--canary MARKER]
 
 Every flag falls back to an environment variable ``STORA_SANDBOX_<FLAG>`` (upper case,
 dashes as underscores). ``STORA_SANDBOX_REDIRECT_URI`` may hold several URIs separated
 by spaces or commas; ``STORA_SANDBOX_SET`` holds ``name=value`` pairs separated by
 commas. ``--set`` presets a runtime switch (see ``GET /_sandbox/config``), e.g.
-``--set revocation_mode=immediate``. ``--port 0`` picks a free port.
+``--set revocation_mode=immediate``. ``--port 0`` picks a free port. ``--canary MARKER``
+makes every code, token and webhook secret it issues carry MARKER (``at_MARKER_…``),
+so a client under test can be searched for leaks of any of them with one string.
 
 Rate limits are on by default (10/s and 60/min per access token, as Stora documents);
 ``--set rate_limit_per_second=0 --set rate_limit_per_minute=0`` turns them off.
@@ -90,6 +92,11 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
         help="preset a runtime switch (repeatable)",
     )
     parser.add_argument("--log-level", default=env("LOG_LEVEL") or "INFO")
+    parser.add_argument(
+        "--canary",
+        default=env("CANARY") or "",
+        help="a marker every issued code, token and webhook secret carries",
+    )
     args = parser.parse_args(argv)
     if args.redirect_uri is None:
         args.redirect_uri = _split(env("REDIRECT_URI") or "", " ,")
@@ -143,6 +150,7 @@ def build_config(args: argparse.Namespace) -> SandboxConfig:
         seed=args.seed,
         public_url=args.public_url,
         switches=switches_from(args.set),
+        canary=args.canary,
     )
 
 

@@ -290,6 +290,10 @@ class SandboxConfig:
         switches: initial runtime switches; ``POST /_sandbox/reset`` restores them.
         clock: epoch-seconds clock. Tests inject a controllable one to move time forward
             (token and code expiry, request-log timestamps).
+        canary: a marker every issued secret carries (codes ``code_<marker>_…``, tokens
+            ``at_``/``rt_<marker>_…``, webhook secrets ``whsec_<marker>_…``), so a client's
+            logs and storage can be searched for any of them at once; "" issues plain
+            Doorkeeper-style values.
     """
 
     applications: tuple[ApplicationSpec, ...] = ()
@@ -297,3 +301,4 @@ class SandboxConfig:
     public_url: str | None = None
     switches: Switches = field(default_factory=Switches)
     clock: Callable[[], float] = time.time
+    canary: str = ""

@@ -56,7 +56,7 @@ from stora_sandbox.api import (
 )
 from stora_sandbox.config import API_VERSION, EVENT_TYPES
 from stora_sandbox.models import WebhookEndpoint
-from stora_sandbox.store import Store
+from stora_sandbox.store import Store, canary_token
 from stora_sandbox.wire import stora_error
 
 READ_SCOPE = "public.webhook_endpoint:read"
@@ -264,7 +264,7 @@ def create_endpoint() -> tuple[Response, int]:
         id=data["id"],
         operator_id=row.operator_id,
         client_id=row.client_id,
-        secret=secrets.token_hex(32),
+        secret=canary_token("whsec", store.canary, secrets.token_hex(32)),
         created_at=moment,
         updated_at=moment,
         seq=store.next_resource_seq(),

@@ -42,6 +42,11 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def canary_token(kind: str, marker: str, value: str) -> str:
+    """``value`` as a secret of ``kind`` carrying ``marker``; ``value`` itself without one."""
+    return f"{kind}_{marker}_{value}" if marker else value
+
+
 class Store:
     """All sandbox state: applications, operators, API records, webhook endpoints,
     grants, tokens, stored idempotent responses, the request log, queued faults, rate
@@ -51,8 +56,9 @@ class Store:
     state is separate and cleared by the admin reset.
     """
 
-    def __init__(self, switches: Switches, clock: Callable[[], float]) -> None:
+    def __init__(self, switches: Switches, clock: Callable[[], float], canary: str = "") -> None:
         self.lock = threading.RLock()
+        self.canary = canary
         self.clock = clock
         self.initial_switches = switches
         self.switches = switches
@@ -268,8 +274,9 @@ class Store:
             created_at = int(self.now())
             row = TokenRow(
                 id=next(self._row_ids),
-                access_token=new_token(),
-                refresh_token=new_token() if with_refresh_token else None,
+                access_token=canary_token("at", self.canary, new_token()),
+                refresh_token=(canary_token("rt", self.canary, new_token())
+                               if with_refresh_token else None),
                 client_id=client_id,
                 operator_id=operator_id,
                 scopes=tuple(scopes),

@@ -24,7 +24,7 @@ import hmac
 
 from stora_sandbox.config import STORA_SCOPES
 from stora_sandbox.models import Application, Grant, TokenRow
-from stora_sandbox.store import Store, new_token
+from stora_sandbox.store import Store, canary_token, new_token
 
 # Texts from Doorkeeper's config/locales/en.yml, so clients see realistic descriptions.
 DESCRIPTIONS = {
@@ -111,7 +111,7 @@ def issue_code(
     with store.lock:
         now = store.now()
         grant = Grant(
-            code=new_token(),
+            code=canary_token("code", store.canary, new_token()),
             client_id=application.client_id,
             operator_id=operator_id,
             redirect_uri=redirect_uri,

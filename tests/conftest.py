@@ -28,12 +28,13 @@ import sqlalchemy as sa
 from partner_app import create_app
 from partner_app.db import db
 from partner_app.settings import Settings
+from tests.security import canary
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BASE = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 TEST_CLIENT_ID = "partner-test-client"
-TEST_CLIENT_SECRET = "insecure-test-client-secret"
+TEST_CLIENT_SECRET = canary.secret("insecure-test-client-secret")
 TEST_ENCRYPTION_KEYS = "t1:" + "dGVzdC1rZXktMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA="
 
 
@@ -60,7 +61,35 @@ def free_port() -> int:
 
 
 def pytest_report_header(config) -> str:
-    return f"partner-app test backend: {BACKEND}"
+    return f"partner-app test backend: {BACKEND}" + (
+        "; secret canary on" if canary.enabled() else "")
+
+
+def pytest_configure(config) -> None:
+    if canary.enabled():
+        canary.configure(config)
+
+
+def pytest_sessionfinish(session) -> None:
+    if canary.enabled():
+        canary.finish(session)
+
+
+@pytest.fixture(autouse=True)
+def _secret_canary_sweep(request) -> Iterator[None]:
+    """Under the canary, search Redis after every test that used it (the next test may
+    flush it without looking)."""
+    yield
+    if canary.enabled() and "backend_urls" in request.fixturenames:
+        canary.scan_redis_url(_redis_url_of(request.getfixturevalue("backend_urls")))
+
+
+def _redis_url_of(urls: dict) -> str:
+    if urls["redis_url"]:
+        return urls["redis_url"]
+    from partner_app import embedded_redis
+
+    return embedded_redis.url_for_instance(urls["instance"])
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +105,7 @@ def backend_urls(tmp_path_factory) -> Iterator[dict[str, str | None]]:
         redis.Redis.from_url(REDIS_BASE).flushdb()
         yield {"database_url": url, "redis_url": REDIS_BASE, "instance": str(instance),
                "schema": schema}
+        _canary_final_scan(url, REDIS_BASE)
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
@@ -84,7 +114,23 @@ def backend_urls(tmp_path_factory) -> Iterator[dict[str, str | None]]:
                "instance": str(instance), "schema": None}
         from partner_app import embedded_redis
 
+        _canary_final_scan(f"sqlite:///{instance / 'partner.db'}",
+                           embedded_redis.url_for_instance(str(instance)))
+
         embedded_redis.stop(str(instance))
+
+
+def _canary_final_scan(database_url: str, redis_url: str) -> None:
+    """Under the canary, search what the run left before it is dropped."""
+    if not canary.enabled():
+        return
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            canary.scan_database(conn)
+    finally:
+        engine.dispose()
+    canary.scan_redis_url(redis_url)
 
 
 @pytest.fixture(scope="session")
@@ -163,13 +209,14 @@ def settings_env(urls: dict, *, sandbox_url: str = "http://127.0.0.1:9",
         "APP_ENV": "test",
         "DATABASE_URL": urls["database_url"],
         "INSTANCE_PATH": urls["instance"],
-        "SECRET_KEY": "insecure-test-secret-key-0123456789",
+        "SECRET_KEY": canary.secret("insecure-test-secret-key-0123456789"),
         "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,
         "STORA_CLIENT_ID": TEST_CLIENT_ID,
         "STORA_CLIENT_SECRET": TEST_CLIENT_SECRET,
         "STORA_API_BASE": sandbox_url,
         "PUBLIC_BASE_URL": public_base_url,
         "LOG_LEVEL": "INFO",
+        **canary.env(),
         **extra,
     }
     if urls["redis_url"]:
@@ -206,6 +253,8 @@ def _truncate_all(application) -> None:
     with application.app_context():
         tables = list(reversed(db.metadata.sorted_tables))
         with db.engine.begin() as conn:
+            if canary.enabled():
+                canary.scan_database(conn)
             if conn.dialect.name == "postgresql":
                 names = ", ".join(f'"{t.name}"' for t in tables)
                 conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
@@ -223,6 +272,8 @@ def clean_app(app, sandbox):
     from partner_app.queueing import get_redis
 
     with app.app_context():
+        if canary.enabled():
+            canary.scan_redis(get_redis(app))
         get_redis(app).flushdb()
     yield app
     _truncate_all(app)
