@@ -16,6 +16,7 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from partner_app import audit
@@ -111,8 +112,16 @@ def _summaries(ids: list[str], queue: str, redis: redis_lib.Redis, *,
         summaries.append(JobSummary(
             id=job_id, queue=queue, function=function, operator_ids=_operator_ids(job),
             enqueued_at=job.enqueued_at, started_at=job.started_at, ended_at=job.ended_at,
-            error=job.exc_info if with_error else None))
+            error=_error_of(job) if with_error else None))
     return summaries
+
+
+def _error_of(job: Job) -> str | None:
+    """The traceback of the job's latest failed execution, if RQ kept one."""
+    result = job.latest_result()
+    if result is None or result.type != Result.Type.FAILED:
+        return None
+    return result.exc_string
 
 
 def running_jobs(redis: redis_lib.Redis, *, limit: int = 50) -> list[JobSummary]:

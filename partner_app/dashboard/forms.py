@@ -2,6 +2,7 @@
 
 from flask_wtf import FlaskForm
 from wtforms import DateField, EmailField, PasswordField, SelectField, StringField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Email, Length, Optional, Regexp
 
 from partner_app.security.staff import ROLES
@@ -27,7 +28,7 @@ class ConfirmForm(FlaskForm):
 class StaffCreateForm(FlaskForm):
     email = EmailField("E-mail", validators=[DataRequired(), Email(check_deliverability=False),
                                              Length(max=254)])
-    role = SelectField("Role", choices=[(r, r) for r in ROLES], default="viewer")
+    role = SelectField("Role", choices=[SelectChoice(r, r) for r in ROLES], default="viewer")
     password = PasswordField("Initial password (at least 12 characters)", validators=[
         DataRequired(), Length(min=12, max=200)])
 
