@@ -8,7 +8,8 @@ from partner_app.db import db
 from partner_app.security.staff import create_staff
 
 PASSWORD = "a-long-staff-password"
-_CSRF_RE = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"|value="([^"]+)"[^>]*name="csrf_token"')
+_CSRF_RE = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"'
+                      r'|value="([^"]+)"[^>]*name="csrf_token"')
 
 
 def make_staff(app, email: str, role: str = "admin") -> int:
