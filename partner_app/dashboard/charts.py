@@ -32,12 +32,14 @@ def bar_chart(bars: Sequence[Bar], *, caption: str, width: int = 720,
     total = sum(b.value for b in bars)
     parts = [
         f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{escape(caption)}: {total} in total" preserveAspectRatio="none">',
+        f'aria-label="{escape(caption)}: {total} in total">',
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - right}" '
         f'y2="{top + plot_h}"/>',
-        f'<text class="tick" x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>',
         f'<text class="tick" x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>',
     ]
+    if peak:
+        parts.append(f'<text class="tick" x="{left - 6}" y="{top + 4}" '
+                     f'text-anchor="end">{peak}</text>')
     for i, bar in enumerate(bars):
         h = plot_h * bar.value / scale_max
         x = left + i * slot + gap / 2
