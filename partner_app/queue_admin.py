@@ -124,7 +124,7 @@ def _error_of(job: Job) -> str | None:
     return result.exc_string
 
 
-def running_jobs(redis: redis_lib.Redis, *, limit: int = 50) -> list[JobSummary]:
+def running_jobs(redis: redis_lib.Redis, *, limit: int = 20) -> list[JobSummary]:
     """Jobs a worker is executing now, newest first, up to ``limit`` per queue."""
     found: list[JobSummary] = []
     for name in QUEUES:
@@ -134,7 +134,7 @@ def running_jobs(redis: redis_lib.Redis, *, limit: int = 50) -> list[JobSummary]
     return found
 
 
-def failed_jobs(redis: redis_lib.Redis, *, limit: int = 50) -> list[JobSummary]:
+def failed_jobs(redis: redis_lib.Redis, *, limit: int = 20) -> list[JobSummary]:
     """Failed jobs with their tracebacks, most recent failure first, ``limit`` per queue."""
     found: list[JobSummary] = []
     for name in QUEUES:

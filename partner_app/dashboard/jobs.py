@@ -17,14 +17,17 @@ from partner_app.queueing import get_redis
 
 log = logging.getLogger(__name__)
 
+# Each listed failed job costs Redis round trips (its hash, its latest result).
+LISTED_PER_QUEUE = 20
+
 
 @bp.get("/jobs")
 def jobs():
     redis = get_redis()
     try:
         counts = queue_admin.queue_counts(redis)
-        running = queue_admin.running_jobs(redis)
-        failed = queue_admin.failed_jobs(redis)
+        running = queue_admin.running_jobs(redis, limit=LISTED_PER_QUEUE)
+        failed = queue_admin.failed_jobs(redis, limit=LISTED_PER_QUEUE)
     except RedisError:
         log.warning("dashboard.redis_unavailable", exc_info=True)
         flash("Redis cannot be reached: queues and jobs are not shown.", "error")
@@ -33,7 +36,8 @@ def jobs():
         op for job in running + failed for op in job.operator_ids)
     return render_template("dashboard/jobs.html", counts=counts, running=running,
                            failed=failed, public_ids=public_ids,
-                           runs=queries.sync_runs(limit=20), form=ConfirmForm())
+                           runs=queries.sync_runs(limit=20), form=ConfirmForm(),
+                           limit=LISTED_PER_QUEUE)
 
 
 @bp.post("/jobs/<queue>/<job_id>/requeue")

@@ -49,7 +49,7 @@ def _overview_context() -> dict:
         "refreshes": queries.token_refreshes_since(now - timedelta(hours=24)),
         "chart": chart,
         "deliveries": deliveries,
-        "events": queries.webhook_event_counts(),
+        "failed_events": queries.failed_event_count(),
         "queues": queues,
         "job_totals": None if queues is None else {
             "queued": sum(q.queued for q in queues), "running": sum(q.running for q in queues),
