@@ -43,10 +43,10 @@ def token_refreshes_since(since: datetime) -> dict[str, int]:
             "failed": sum(rows.get(a, 0) for a in REFRESH_FAILED_ACTIONS)}
 
 
-def _hour_label(column):
-    """``YYYY-MM-DD HH`` of a (naive UTC) timestamp column, in SQL, per dialect."""
+def _hour_of(column):
+    """The hour a (naive UTC) timestamp column falls in, in SQL, per dialect."""
     if db.session.get_bind().dialect.name == "postgresql":
-        return func.to_char(func.date_trunc("hour", column), "YYYY-MM-DD HH24")
+        return func.date_trunc("hour", column)  # a timestamp: cheaper than formatting it
     return func.strftime("%Y-%m-%d %H", column)
 
 
@@ -55,10 +55,13 @@ def webhook_deliveries_per_hour(now: datetime, hours: int = 24) -> list[tuple[da
     oldest first, every hour present. One grouped query over the indexed ``received_at``."""
     end = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     starts = [end - timedelta(hours=h) for h in range(hours - 1, -1, -1)]
-    label = _hour_label(WebhookEvent.received_at)
-    counts = dict(db.session.execute(
-        select(label, func.count()).where(WebhookEvent.received_at >= starts[0])
-        .group_by(label)).all())
+    hour = _hour_of(WebhookEvent.received_at)
+    counts: dict[str, int] = {}
+    for value, count in db.session.execute(
+            select(hour, func.count()).where(WebhookEvent.received_at >= starts[0])
+            .group_by(hour)).all():
+        key = value.strftime("%Y-%m-%d %H") if isinstance(value, datetime) else value
+        counts[key] = count
     return [(start, counts.get(start.strftime("%Y-%m-%d %H"), 0)) for start in starts]
 
 
