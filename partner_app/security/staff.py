@@ -32,7 +32,7 @@ from partner_app import audit
 from partner_app.db import db
 from partner_app.extensions import login_manager
 from partner_app.security.models import StaffUser
-from partner_app.security.vault import PURPOSE_STAFF_TOTP, Vault
+from partner_app.security.vault import PURPOSE_STAFF_TOTP, Vault, VaultError
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,13 @@ def sign_in_with_code(user_id: int, code: str, *, ip: str | None, throttle: Logi
     state = throttle.check(user.email, ip, now=now)
     if state.retry_after > 0:
         return _throttled(state)
-    if not verify_totp(user, code, vault=vault, now=now):
+    try:
+        verified = verify_totp(user, code, vault=vault, now=now)
+    except VaultError:
+        # Sealed under a key no longer in the keyring: only an admin's reset helps.
+        log.error("staff.totp_secret_unreadable", extra={"staff_id": user.id})
+        verified = False
+    if not verified:
         return _record_failure(user.email, ip, "totp", throttle, now)
     return _signed_in(user, ip, throttle, second_factor=True)
 

@@ -659,3 +659,19 @@ def test_statements_per_page_do_not_grow_with_the_data(client, admin, clean_app)
     large = counts()
     assert small == large, (small, large)
     assert max(large.values()) <= 12, large
+
+
+def test_a_second_factor_sealed_under_a_retired_key_refuses_without_crashing(app_ctx):
+    from partner_app.security import staff
+
+    vault = app_ctx.extensions["vault"]
+    user = staff.create_staff("k@partner.example", PASSWORD, role="admin", actor="cli")
+    staff.begin_totp_enrolment(user, vault=vault)
+    totp = pyotp.TOTP(re.search(r"secret=([A-Z2-7]+)", staff.totp_uri(user, vault=vault))[1])
+    assert staff.confirm_totp_enrolment(user, totp.now(), vault=vault)
+    user.totp_secret_ct = "v1.retired." + user.totp_secret_ct.split(".", 2)[2]
+    db.session.commit()
+    throttle = LoginThrottle.from_settings(get_redis(), app_ctx.extensions["settings"])
+    result = staff.sign_in_with_code(user.id, totp.at(datetime.now(UTC) + timedelta(seconds=30)),
+                                     ip="10.2.2.2", throttle=throttle, vault=vault)
+    assert result.outcome == "invalid"
