@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from partner_app.db import db, utcnow
@@ -17,6 +17,12 @@ from partner_app.db import db, utcnow
 
 class AuditEntry(db.Model):
     __tablename__ = "audit_log"
+    __table_args__ = (
+        # Counts of one action over a time window (the overview), and the audit log
+        # filtered by actor, newest first.
+        Index("ix_audit_log_action_created_at", "action", "created_at"),
+        Index("ix_audit_log_actor_id", "actor", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

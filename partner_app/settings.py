@@ -124,6 +124,11 @@ class Settings:
     webhook_tolerance: int = 300
     webhook_max_body: int = 1024 * 1024
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    staff_session_idle: int = 1800
+    staff_session_max: int = 12 * 3600
+    staff_login_window: int = 900
+    staff_login_max_per_account: int = 5
+    staff_login_max_per_ip: int = 20
     generated_secrets: tuple[str, ...] = ()
 
     # -- derived ---------------------------------------------------------------
@@ -276,6 +281,17 @@ class Settings:
         webhook_max_body = number(env, "WEBHOOK_MAX_BODY", 1024 * 1024, problems,
                                 low=1024, high=32 * 1024 * 1024)
 
+        staff_session_idle = number(env, "STAFF_SESSION_IDLE", 1800, problems,
+                                    low=60, high=7 * 86400)
+        staff_session_max = number(env, "STAFF_SESSION_MAX", 12 * 3600, problems,
+                                   low=300, high=30 * 86400)
+        staff_login_window = number(env, "STAFF_LOGIN_WINDOW", 900, problems,
+                                    low=10, high=86400)
+        staff_login_max_per_account = number(env, "STAFF_LOGIN_MAX_PER_ACCOUNT", 5, problems,
+                                             low=1, high=1000)
+        staff_login_max_per_ip = number(env, "STAFF_LOGIN_MAX_PER_IP", 20, problems,
+                                        low=1, high=100000)
+
         rate_limit, rate_problems = RateLimitSettings.parse(env)
         problems += rate_problems
         retention, retention_problems = RetentionSettings.parse(env)
@@ -309,6 +325,11 @@ class Settings:
             webhook_tolerance=webhook_tolerance,
             webhook_max_body=webhook_max_body,
             retention=retention,
+            staff_session_idle=staff_session_idle,
+            staff_session_max=staff_session_max,
+            staff_login_window=staff_login_window,
+            staff_login_max_per_account=staff_login_max_per_account,
+            staff_login_max_per_ip=staff_login_max_per_ip,
             generated_secrets=tuple(generated),
         )
 

@@ -1,7 +1,7 @@
 """dashboard indexes
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-11-27 02:00:00
 
 An operator's newest inbox rows by (operator_id, id): the dashboard's recent events,
@@ -11,7 +11,7 @@ from alembic import op
 
 
 revision = '0007'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 

@@ -365,6 +365,8 @@ def _refresh_locked(operator_id: int, *, vault: Vault, oauth: StoraOAuth,
                            margin=margin, rejected=rejected)
     _set_health(operator_id, status=OperatorStatus.ACTIVE, refresh_failures=0,
                 last_refresh_at=now(), last_error=None)
+    audit.record("token.refreshed", actor_type="system", actor="token-refresh",
+                 operator_id=operator_id, version=credential.version)
     incidents.resolve(incidents.INVALID_CLIENT)  # our credentials demonstrably work
     db.session.commit()
     log.info("token.refreshed", extra={"operator": operator.public_id,
@@ -411,6 +413,8 @@ def _fenced_out(operator_id: int, orphan: TokenSet, *, oauth: StoraOAuth, vault:
 def _degraded(operator_id: int, reason: str) -> None:
     _set_health(operator_id, status=OperatorStatus.DEGRADED,
                 refresh_failures=Operator.refresh_failures + 1, last_error=reason[:500])
+    audit.record("token.refresh_failed", actor_type="system", actor="token-refresh",
+                 operator_id=operator_id, reason=reason[:200])
     db.session.commit()
     log.warning("token.refresh_failed", extra={"operator_id": operator_id})
     metrics.token_refresh("failed")

@@ -9,15 +9,18 @@ operator or the platform, require the ``admin`` role: :func:`admin_required`.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from flask import Blueprint, abort, current_app, request
-from flask_login import current_user
+from flask import Blueprint, abort, current_app, flash, redirect, request, session, url_for
+from flask_login import current_user, logout_user
+
+from partner_app.security.staff import session_expired
 
 bp = Blueprint("dashboard", __name__, url_prefix="/staff")
 
-PUBLIC_ENDPOINTS = frozenset({"dashboard.login"})
+PUBLIC_ENDPOINTS = frozenset({"dashboard.login", "dashboard.login_code"})
 
 #: The header's navigation, in order; a page appears once its endpoint is registered.
 NAV = (
@@ -38,6 +41,14 @@ def require_staff():
         return None
     if not current_user.is_authenticated:
         return current_app.login_manager.unauthorized()
+    settings = current_app.extensions["settings"]
+    if session_expired(session, now=time.time(), idle=settings.staff_session_idle,
+                       absolute=settings.staff_session_max):
+        logout_user()
+        session.clear()
+        flash("Your session expired; please sign in again.", "info")
+        return redirect(url_for("dashboard.login",
+                                next=request.path if request.method == "GET" else None))
     return None
 
 

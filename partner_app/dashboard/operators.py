@@ -39,7 +39,7 @@ def _render_list(new_link=None):
     args = _list_args()
     page = queries.operators_page(**args, before=_cursor("before"), after=_cursor("after"))
     return render_template("dashboard/operators.html", page=page, counts=queries.
-                           operator_status_counts(), statuses=STATUSES, new_link=new_link,
+                           operators_by_status(), statuses=STATUSES, new_link=new_link,
                            form=ConfirmForm(), **args)
 
 

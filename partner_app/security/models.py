@@ -46,6 +46,17 @@ class StaffUser(UserMixin, db.Model):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None]
+    #: The TOTP secret, sealed by the vault (purpose ``staff-totp``, bound to the id);
+    #: set while enrolling, in force once ``totp_enabled_at`` is set.
+    totp_secret_ct: Mapped[str | None] = mapped_column(Text)
+    totp_enabled_at: Mapped[datetime | None]
+    #: The time step of the last accepted code: a code is never accepted twice, nor an
+    #: older one after a newer.
+    totp_last_step: Mapped[int | None] = mapped_column(Integer)
+
+    @property
+    def totp_enabled(self) -> bool:
+        return self.totp_enabled_at is not None and self.totp_secret_ct is not None
 
     @property
     def is_active(self) -> bool:  # Flask-Login

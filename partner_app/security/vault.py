@@ -39,7 +39,8 @@ _CIPHERTEXT_RE = re.compile(r"v1\.([A-Za-z0-9_-]{1,32})\.([A-Za-z0-9_-]+)")
 
 PURPOSE_DATA_KEYS = "data-keys"
 PURPOSE_INSTALL_STATE = "install-state"
-PURPOSES = (PURPOSE_DATA_KEYS, PURPOSE_INSTALL_STATE)
+PURPOSE_STAFF_TOTP = "staff-totp"
+PURPOSES = (PURPOSE_DATA_KEYS, PURPOSE_INSTALL_STATE, PURPOSE_STAFF_TOTP)
 
 
 class VaultError(Exception):

@@ -1,7 +1,7 @@
 """webhook claims fenced by the job that holds them; pending events found in id order
 
-Revision ID: 0011
-Revises: 0009
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-27 02:00:00
 
 ``claimed_by`` / ``claim_delivery`` name the RQ job and its delivery number holding a
@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = '0011'
-down_revision = '0009'
+revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 
