@@ -197,11 +197,18 @@ def _progress(total: int):
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time of a process and of its reaped children (the work-horses)."""
+    """CPU time of a process, of its reaped children and of its live ones (a work-horse
+    that runs many jobs, the scheduler)."""
+    total = 0.0
     with contextlib.suppress(psutil.Error):
-        times = psutil.Process(pid).cpu_times()
-        return times.user + times.system + times.children_user + times.children_system
-    return 0.0
+        proc = psutil.Process(pid)
+        times = proc.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                live = child.cpu_times()
+                total += live.user + live.system
+    return total
 
 
 @dataclass
