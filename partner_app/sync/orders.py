@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from partner_app.db import UTCDateTime, db, insert_for, utcnow
+from partner_app.db import UTCDateTime, db, utcnow
 from partner_app.stora.client import MAX_PAGE_SIZE, Page, StoraClient
 from partner_app.stora.errors import ApiError, Unauthorized
 from partner_app.sync.models import SyncCursor, SyncedOrder
@@ -75,10 +75,11 @@ class BackfillResult:
 
 
 def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time with an offset (``Z`` included), else None."""
     if not isinstance(value, str) or not value:
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value)  # Python 3.11+ reads "Z" itself
     except ValueError:
         return None
     return moment if moment.tzinfo else None
@@ -101,13 +102,26 @@ def read_cursor(operator_id: int, name: str = NAME) -> Cursor:
 def write_cursor(operator_id: int, cursor: Cursor, *, now: datetime, finished: bool,
                  name: str = NAME) -> None:
     """Upsert the cursor row (flush only)."""
-    values = {"watermark": cursor.watermark, "last_id": cursor.last_id, "page": cursor.page,
-              "updated_at": now}
+    dialect = db.session.get_bind().dialect.name
+    params = {"operator_id": operator_id, "name": name, "watermark": cursor.watermark,
+              "last_id": cursor.last_id, "page": cursor.page, "updated_at": now}
     if finished:
-        values["last_success_at"] = now
-    stmt = insert_for(SyncCursor).values(operator_id=operator_id, name=name, **values)
-    db.session.execute(stmt.on_conflict_do_update(index_elements=["operator_id", "name"],
-                                                  set_=values))
+        params["last_success_at"] = now
+    db.session.execute(_cursor_upsert(dialect, finished), params)
+
+
+@functools.cache
+def _cursor_upsert(dialect: str, finished: bool):
+    """The cursor's ``INSERT … ON CONFLICT`` with bound parameters, built once per
+    dialect and shape (it runs once per page; building it cost more than running it)."""
+    table = SyncCursor.__table__
+    names = ["watermark", "last_id", "page", "updated_at"] + \
+        (["last_success_at"] if finished else [])
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    stmt = insert.values(operator_id=bindparam("operator_id"), name=bindparam("name"),
+                         **{c: bindparam(c, type_=table.c[c].type) for c in names})
+    return stmt.on_conflict_do_update(index_elements=[table.c.operator_id, table.c.name],
+                                      set_={c: stmt.excluded[c] for c in names})
 
 
 def next_cursor(cursor: Cursor, items: list[dict[str, Any]], *, more: bool) -> Cursor:
