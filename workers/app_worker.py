@@ -101,6 +101,10 @@ class ReusedHorseWorker(AppWorker):
     # -- the parent's side ----------------------------------------------------------
     def fork_work_horse(self, job, queue) -> None:
         horse = self._horse
+        if horse is not None and _exited(horse.pid):
+            # Died while idle (an OOM kill, an operator's kill): the job goes to a new one.
+            self._reap(horse)
+            horse = None
         if horse is None:
             horse = self._horse = self._start_horse()
         os.environ["RQ_WORKER_ID"] = self.name
@@ -210,6 +214,14 @@ class _Horse:
         self.pid = pid
         self.to_horse = to_horse
         self.from_horse = from_horse
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child ``pid`` has exited; reaps it if so."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) != (0, 0)
+    except ChildProcessError:
+        return True
 
 
 def _read_line(stream) -> bytes:
