@@ -336,8 +336,7 @@ def backfill_orders(client: StoraClient, operator_id: int, *,
             pages += 1
             stop = finished or (max_pages is not None and pages >= max_pages) or \
                 (deadline is not None and time.monotonic() >= deadline)
-            pending = None if stop else \
-                ahead.submit(_fetch, client.pinned(), following, page_size)
+            pending = None if stop else _request_ahead(ahead, client, following, page_size)
             added = upsert_orders(operator_id, page.items, now=moment)
             write_cursor(operator_id, following, now=moment, finished=finished)
             checkpoint(PageDone(records=len(page.items), new_by_site=added))
@@ -346,6 +345,17 @@ def backfill_orders(client: StoraClient, operator_id: int, *,
             new_records += sum(added.values())
             if stop:
                 return BackfillResult(pages, records, new_records, complete=finished)
+
+
+def _request_ahead(pool: ThreadPoolExecutor, client: StoraClient, cursor: Cursor,
+                   page_size: int) -> Future[Page] | None:
+    try:
+        pinned = client.pinned()
+    except Exception:
+        # The token source failed (a refresh that must wait, a revoked grant): the call
+        # is made on this thread after this page is checkpointed, and fails there.
+        return None
+    return pool.submit(_fetch, pinned, cursor, page_size)
 
 
 def _next_page(client: StoraClient, cursor: Cursor, page_size: int,
