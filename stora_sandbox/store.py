@@ -71,6 +71,11 @@ class Store:
         self.switches = self.initial_switches
         self.operators: dict[str, Operator] = {}
         self.resources: dict[str, dict[str, Resource]] = {k: {} for k in RESOURCE_KINDS}
+        # The same records by kind and owner (None: global), so listing one operator's
+        # records costs its own count, not every operator's.
+        self._owned: dict[str, dict[str | None, dict[str, Resource]]] = {
+            k: {} for k in RESOURCE_KINDS
+        }
         self.webhook_endpoints: dict[str, WebhookEndpoint] = {}
         self.idempotency: dict[IdempotencyIdentity, IdempotencyEntry] = {}
         self.grants: dict[str, Grant] = {}
@@ -142,9 +147,7 @@ class Store:
         """JSON view of an operator with per-kind record counts."""
         with self.lock:
             counts = {
-                f"{kind}s": sum(
-                    1 for r in self.resources[kind].values() if r.operator_id == operator.id
-                )
+                f"{kind}s": len(self._owned[kind].get(operator.id, ()))
                 for kind in SUMMARY_KINDS
             }
         return {"id": operator.id, "name": operator.name, "subdomain": operator.subdomain, **counts}
@@ -155,7 +158,12 @@ class Store:
 
     def add_resource(self, resource: Resource) -> None:
         with self.lock:
+            replaced = self.resources[resource.kind].get(resource.id)
+            if replaced is not None and replaced.operator_id != resource.operator_id:
+                self._owned[resource.kind].get(replaced.operator_id, {}).pop(resource.id, None)
             self.resources[resource.kind][resource.id] = resource
+            owned = self._owned[resource.kind].setdefault(resource.operator_id, {})
+            owned[resource.id] = resource
 
     def get_resource(self, kind: str, operator_id: str, resource_id: str) -> Resource | None:
         """The record, or None if it does not exist *for this operator*."""
@@ -167,7 +175,7 @@ class Store:
 
     def list_resources(self, kind: str, operator_id: str) -> list[Resource]:
         with self.lock:
-            return [r for r in self.resources[kind].values() if r.operator_id == operator_id]
+            return list(self._owned[kind].get(operator_id, {}).values())
 
     def get_visible(self, kind: str, operator_id: str, resource_id: str) -> Resource | None:
         """The record if it is global or belongs to this operator, else None."""
@@ -180,9 +188,8 @@ class Store:
     def list_visible(self, kind: str, operator_id: str) -> list[Resource]:
         """Global records of ``kind`` plus the operator's own."""
         with self.lock:
-            return [
-                r for r in self.resources[kind].values() if r.operator_id in (None, operator_id)
-            ]
+            owned = self._owned[kind]
+            return [*owned.get(None, {}).values(), *owned.get(operator_id, {}).values()]
 
     # -- webhook endpoints ------------------------------------------------------------
 

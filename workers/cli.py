@@ -18,14 +18,14 @@ def worker(queues: tuple[str, ...], burst: bool, no_scheduler: bool, name: str |
     """Run an RQ worker (with the scheduler that Retry intervals need)."""
     from partner_app import metrics
     from partner_app.queueing import QUEUES, get_queue, get_redis
-    from workers.app_worker import AppWorker, prepare_for_fork
+    from workers.app_worker import ReusedHorseWorker, prepare_for_fork
 
     app = current_app._get_current_object()
     names = queues or QUEUES
     connection = get_redis(app)
     prepare_for_fork(app)
-    worker_ = AppWorker([get_queue(n, app) for n in names], connection=connection, app=app,
-                        name=name)
+    worker_ = ReusedHorseWorker([get_queue(n, app) for n in names], connection=connection,
+                                app=app, name=name)
     click.echo(f"worker ready: queues={','.join(names)} scheduler={not no_scheduler}", err=True)
     worker_.work(burst=burst, with_scheduler=not no_scheduler, logging_level="INFO")
     metrics.mark_process_dead()

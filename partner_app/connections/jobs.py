@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from flask import current_app
@@ -13,7 +14,7 @@ from partner_app.connections.tokens import OperatorTokens, limiter_key
 from partner_app.db import db
 from partner_app.logging import bind_operator
 from partner_app.queueing import get_redis
-from partner_app.stora.client import StoraClient, storefront_host
+from partner_app.stora.client import StoraClient, shared_session, storefront_host
 from partner_app.stora.errors import StoraError
 from partner_app.stora.ratelimit import RedisRateLimiter, limiter_from_settings
 
@@ -29,16 +30,57 @@ def limiter() -> RedisRateLimiter:
     return existing
 
 
+class JobTokens:
+    """``TokenSource`` for the calls of one job: asks ``OperatorTokens`` once and reuses
+    the token for up to ``REUSE_SECONDS`` instead of reading and decrypting the
+    credential before every call.
+
+    ``get_access_token`` only hands out a token with more than ``ON_DEMAND_MARGIN`` left
+    (120 s, or a quarter of a shorter token's lifetime), so a token reused for at most
+    15 s never reaches its expiry for any lifetime of a minute or more. A 401
+    still goes to ``OperatorTokens.replace_rejected`` (a sibling's rotation, or a
+    single-flight refresh) and its answer is reused in turn. The token lives in this
+    object, which lives as long as the job's client: never logged, never stored.
+    """
+
+    REUSE_SECONDS = 15.0
+
+    def __init__(self, source: OperatorTokens, *, clock=time.monotonic):
+        self._source = source
+        self._clock = clock
+        self._token: str | None = None
+        self._until = 0.0
+
+    def access_token(self) -> str:
+        if self._token is None or self._clock() >= self._until:
+            self._keep(self._source.access_token())
+        return self._token
+
+    def replace_rejected(self, rejected: str) -> str | None:
+        self._token = None
+        replacement = self._source.replace_rejected(rejected)
+        if replacement is not None:
+            self._keep(replacement)
+        return replacement
+
+    def _keep(self, token: str) -> None:
+        self._token = token
+        self._until = self._clock() + self.REUSE_SECONDS
+
+
 def client_for(operator_id: int) -> StoraClient:
-    """A StoraClient for one operator, wired to the app's vault, OAuth client and limiter."""
+    """A StoraClient for one operator (meant for one job), wired to the app's vault,
+    OAuth client and limiter, the process's keep-alive session, and a token read once
+    per job (``JobTokens``)."""
     bind_operator(operator_id)
     settings = current_app.extensions["settings"]
     shared_limiter = limiter()
     tokens = OperatorTokens(operator_id, vault=current_app.extensions["vault"],
                             oauth=current_app.extensions["stora_oauth"],
                             redis=get_redis(), limiter=shared_limiter)
-    return StoraClient(api_base=settings.stora_api_base, tokens=tokens,
+    return StoraClient(api_base=settings.stora_api_base, tokens=JobTokens(tokens),
                        timeout=(settings.http_connect_timeout, settings.http_read_timeout),
+                       session=shared_session(settings.stora_api_base),
                        limiter=shared_limiter, limiter_key=limiter_key(operator_id))
 
 

@@ -9,13 +9,14 @@ brings ``succeeded + failed + skipped`` up to ``total``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from rq import Retry
-from sqlalchemy import and_, case, func, insert, literal, or_, select, update
+from sqlalchemy import Integer, and_, bindparam, case, func, insert, literal, or_, select, update
 
 from partner_app.connections.models import Operator, OperatorStatus
 from partner_app.db import db, utcnow
@@ -185,17 +186,34 @@ def record_page(claim: Claim, *, records: int, new_by_site: dict[str, int],
     """Add one page to the item's progress (same transaction as the page's upserts, so
     progress and data commit together). Raises ClaimLost."""
     new_records = sum(new_by_site.values())
-    values: dict = {"pages": SyncRunItem.pages + 1, "records": SyncRunItem.records + records,
-                    "new_records": SyncRunItem.new_records + new_records, "updated_at": now}
+    params = {"item_id": claim.item_id, "attempt": claim.attempt, "records": records,
+              "new_records": new_records, "now": now}
     if new_records:
         # The claim's copy is current: only the holder of the claim writes this row.
         for site, count in new_by_site.items():
             claim.new_by_site[site] = claim.new_by_site.get(site, 0) + count
-        values["new_by_site"] = dict(claim.new_by_site)
-    result = db.session.execute(update(SyncRunItem).where(_held(claim)).values(values)
-                                .execution_options(synchronize_session=False))
+        params["new_by_site"] = dict(claim.new_by_site)
+    result = db.session.execute(_page_update(bool(new_records)), params)
     if result.rowcount != 1:
         raise ClaimLost(f"item {claim.item_id} is no longer held by attempt {claim.attempt}")
+
+
+@functools.cache
+def _page_update(with_sites: bool):
+    """``record_page``'s guarded UPDATE with bound parameters, built once per shape (it
+    runs once per page; building it cost more than running it)."""
+    table = SyncRunItem.__table__
+    values = {"pages": table.c.pages + 1,
+              "records": table.c.records + bindparam("records", type_=Integer),
+              "new_records": table.c.new_records + bindparam("new_records", type_=Integer),
+              "updated_at": bindparam("now", type_=table.c.updated_at.type)}
+    if with_sites:
+        values["new_by_site"] = bindparam("new_by_site", type_=table.c.new_by_site.type)
+    return (update(table)
+            .where(table.c.id == bindparam("item_id"),
+                   table.c.status == ItemStatus.RUNNING,
+                   table.c.claim_attempt == bindparam("attempt"))
+            .values(values))
 
 
 def release(claim: Claim, *, now: datetime, note: str | None) -> None:
