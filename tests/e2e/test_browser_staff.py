@@ -66,7 +66,9 @@ def _watch_console(page) -> list[str]:
 def _sign_in_with_keyboard(page, public: str, email: str, password: str) -> None:
     page.goto(f"{public}/staff/")
     assert "/staff/login" in page.url
-    page.keyboard.type(email)  # the e-mail field has focus on arrival
+    # The e-mail field has focus on arrival (autofocus; applied once the page settles).
+    page.wait_for_function("document.activeElement && document.activeElement.name === 'email'")
+    page.keyboard.type(email)
     page.keyboard.press("Tab")
     page.keyboard.type(password)
     with page.expect_navigation():
