@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from partner_app import create_app
 from partner_app.db import db
 from partner_app.settings import Settings
+from tests.browser import browser  # noqa: F401  (a fixture for every browser test)
 from tests.security import canary
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,42 +3,20 @@ staff dashboard, the way an operator and a partner's staff member would."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.browser import require_chromium, screenshot
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = ROOT / "test-artifacts"
 STAFF_EMAIL = "staff@partner.example"
 STAFF_PASSWORD = "correct horse battery staple"
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not Path(CHROMIUM).exists():
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture
-def browser():
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def _shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+playwright_api = require_chromium()
 
 
 def test_operator_installs_in_a_browser_and_staff_sees_it_on_the_dashboard(stack, browser,
@@ -47,11 +25,11 @@ def test_operator_installs_in_a_browser_and_staff_sees_it_on_the_dashboard(stack
     page = browser.new_page()
     page.goto(f"{stack['public']}/install")
     assert page.url.startswith(sandbox.base_url + "/oauth2/authorize")
-    _shot(page, "install-1-consent")
+    screenshot(page, "install-1-consent")
     page.select_option("select[name=operator_id]", label=operator_name)
     page.click("button[name=decision][value=approve]")
     page.wait_for_url("**/install/result")
-    _shot(page, "install-2-connected")
+    screenshot(page, "install-2-connected")
     assert page.locator("h1").inner_text() == f"Connected: {operator_name}"
     assert "code=" not in page.url and "state=" not in page.url
 
@@ -72,7 +50,7 @@ def test_operator_installs_in_a_browser_and_staff_sees_it_on_the_dashboard(stack
     while "—" in last_api_success.inner_text() and time.monotonic() < deadline:
         time.sleep(0.5)  # the worker's first API call lands shortly after connecting
         staff.reload()
-    _shot(staff, "dashboard-operators")
+    screenshot(staff, "dashboard-operators")
     assert operator_name in row.inner_text()
     assert row.locator(".badge").inner_text() == "active"
     assert "—" not in last_api_success.inner_text()
@@ -83,7 +61,7 @@ def test_operator_who_declines_sees_why(stack, browser, sandbox):
     page.goto(f"{stack['public']}/install")
     page.click("button[name=decision][value=deny]")
     page.wait_for_url("**/install/result")
-    _shot(page, "install-declined")
+    screenshot(page, "install-declined")
     assert page.locator("[data-reason]").get_attribute("data-reason") == "access_denied"
     assert "declined" in page.inner_text("body")
 
@@ -121,11 +99,11 @@ def test_staff_find_an_operator_see_its_webhooks_replay_a_failure_and_disconnect
     staff.click("text=New install link")
     link = staff.locator("[data-testid=install-link]").input_value()
     assert "/install/" in link
-    _shot(staff, "staff-1-install-link")
+    screenshot(staff, "staff-1-install-link")
     operator_page = browser.new_page()
     operator_page.goto(link)
     operator_page.select_option("select[name=operator_id]", label=name)
-    _shot(operator_page, "staff-2-consent")
+    screenshot(operator_page, "staff-2-consent")
     operator_page.click("button[name=decision][value=approve]")
     operator_page.wait_for_url("**/install/result")
     assert operator_page.locator("h1").inner_text() == f"Connected: {name}"
@@ -136,7 +114,7 @@ def test_staff_find_an_operator_see_its_webhooks_replay_a_failure_and_disconnect
     staff.click("form.filters button[type=submit]")
     rows = staff.locator("tr[data-operator]")
     assert rows.count() == 1 and name in rows.first.inner_text()
-    _shot(staff, "staff-3-operators-search")
+    screenshot(staff, "staff-3-operators-search")
     rows.first.locator("a").first.click()
     staff.wait_for_url("**/staff/operators/op_*")
     public_id = staff.url.rsplit("/", 1)[1]
@@ -150,11 +128,11 @@ def test_staff_find_an_operator_see_its_webhooks_replay_a_failure_and_disconnect
     _reload_until(staff, lambda: staff.locator("tr[data-event] .badge.ev-processed").count() == 1,
                   what="the first webhook, processed")
     assert "order.created" in staff.locator("tr[data-event]").first.inner_text()
-    _shot(staff, "staff-4-operator-first-webhook")
+    screenshot(staff, "staff-4-operator-first-webhook")
     staff.locator("tr[data-event] a").first.click()
     assert created["id"] in staff.locator("pre.payload").inner_text()
     assert "signature values hidden" in staff.inner_text("body")
-    _shot(staff, "staff-5-event-payload")
+    screenshot(staff, "staff-5-event-payload")
 
     # A delivery the handler cannot apply (an order without an id) is kept as failed...
     sandbox.admin("POST", f"operators/{stora_operator['id']}/events",
@@ -162,7 +140,7 @@ def test_staff_find_an_operator_see_its_webhooks_replay_a_failure_and_disconnect
     staff.goto(f"{stack['public']}/staff/events?status=failed")
     _reload_until(staff, lambda: staff.locator("tr[data-event]").count() == 1,
                   what="the failed event in the inbox")
-    _shot(staff, "staff-6-events-failed")
+    screenshot(staff, "staff-6-events-failed")
     staff.locator("tr[data-event] a").nth(1).click()
     assert staff.locator("[data-testid=event-status]").inner_text() == "failed"
     assert "without data.order.id" in staff.locator("[data-testid=event-error]").inner_text()
@@ -174,16 +152,16 @@ def test_staff_find_an_operator_see_its_webhooks_replay_a_failure_and_disconnect
         ".facts div:has(dt:text('Attempts')) dd").inner_text()) > attempts
         and staff.locator("[data-testid=event-status]").inner_text() == "failed",
         what="the replay to run")
-    _shot(staff, "staff-7-event-replayed")
+    screenshot(staff, "staff-7-event-replayed")
     staff.goto(f"{stack['public']}/staff/operators/{public_id}")
     assert "webhook_event.replayed" in staff.locator("ol.timeline").inner_text()
 
     # Disconnect: a confirmation page that wants the public id typed back.
     staff.click("text=Disconnect…")
-    _shot(staff, "staff-8-disconnect-confirm")
+    screenshot(staff, "staff-8-disconnect-confirm")
     staff.fill("input[name=confirm]", public_id)
     staff.click("button.danger:text('Disconnect')")
     staff.wait_for_url(f"**/staff/operators/{public_id}")
     assert staff.locator("[data-testid=operator-status]").inner_text() == "disconnected"
     assert "revoked at Stora: yes" in staff.locator(".flash").inner_text()
-    _shot(staff, "staff-9-disconnected")
+    screenshot(staff, "staff-9-disconnected")

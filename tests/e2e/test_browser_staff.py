@@ -8,14 +8,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyotp
 import pytest
 
 from partner_app.queueing import get_redis
+from tests.browser import require_chromium, screenshot
 from tests.conftest import ROOT
-from tests.e2e.test_browser import ARTIFACTS, CHROMIUM
 
 pytestmark = pytest.mark.e2e
 ADMIN = "ops-admin@partner.example"
@@ -23,26 +22,11 @@ ADMIN_PASSWORD = "correct horse battery staple"
 VIEWER = "ops-viewer@partner.example"
 VIEWER_PASSWORD = "another long passphrase"
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not Path(CHROMIUM).exists():
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture
-def browser():
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+playwright_api = require_chromium()
 
 
 def _shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"staff-{name}.png"), full_page=True)
+    screenshot(page, f"staff-{name}")
 
 
 def _watch_console(page) -> list[str]:

@@ -45,6 +45,7 @@ from tests.conftest import (
 )
 from tests.consent import consent
 from tests.e2e.balancer import RoundRobinBalancer
+from tests.e2e.conftest import wait_for_http
 from tests.e2e.test_install_end_to_end import _database_bytes, _embedded_url, _redis_bytes
 from workers.cron import LEADER_KEY
 
@@ -56,18 +57,6 @@ RAISED_PER_MINUTE = 600
 WEB_CONCURRENCY = {"web-a": 1, "web-b": 2}
 WORKERS = {"worker-1": [], "worker-2": [], "worker-3": ["--no-scheduler"],
            "worker-4": ["--no-scheduler"]}
-
-
-def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process for {url} exited with {proc.returncode}"
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
 
 
 @pytest.fixture
@@ -113,7 +102,7 @@ def fleet(backend_urls, sandbox, tmp_path, app) -> Iterator[dict[str, Any]]:
         spawn("cron", [*cli, "cron", "--orders-every", "10s"])
         try:
             for name, port in ports.items():
-                _wait_for_http(f"http://127.0.0.1:{port}/healthz", procs[name])
+                wait_for_http(f"http://127.0.0.1:{port}/healthz", procs[name])
             yield {"public": public, "webs": {n: f"http://127.0.0.1:{p}" for n, p in
                                                ports.items()},
                    "procs": procs, "logs": tmp_path, "env": env, "redis_url": redis_url,

@@ -6,18 +6,16 @@ an init script, which the policy does not govern) and Chromium's console message
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from partner_app.security_headers import CONTENT_SECURITY_POLICY
+from tests.browser import require_chromium
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STAFF_EMAIL = "csp@partner.example"
 STAFF_PASSWORD = "a long enough password 2"
 RECORD_VIOLATIONS = """
@@ -27,21 +25,7 @@ document.addEventListener("securitypolicyviolation", (e) => {
 });
 """
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-if not Path(CHROMIUM).exists():
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture
-def browser():
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+playwright_api = require_chromium()
 
 
 class Watched:
