@@ -489,9 +489,10 @@ def test_rotation_concurrent_with_token_writes_loses_nothing(
             assert refresh == last_written[operator_id].replace("access-", "refresh-")
 
 
-def test_new_data_keys_move_webhook_secrets_then_shred_the_old_key(
-        app_ctx, rotated_app, old_vault, new_vault):
-    from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE, subscription_secret
+def _subscription_under_old_key(old_vault):
+    """A connected operator with an active subscription whose secret ("whsec-1") is
+    sealed under its old-kid data key: (data key, that key's cipher, subscription)."""
+    from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE
     from partner_app.webhooks.models import WebhookSubscription
 
     (operator_id,) = _connect(old_vault, 1)
@@ -503,7 +504,15 @@ def test_new_data_keys_move_webhook_secrets_then_shred_the_old_key(
                               secret_ct=cipher.encrypt(SECRET_TABLE, SECRET_COLUMN, "whsec-1"))
     db.session.add(sub)
     db.session.commit()
+    return key, cipher, sub
 
+
+def test_new_data_keys_move_webhook_secrets_then_shred_the_old_key(
+        app_ctx, rotated_app, old_vault, new_vault):
+    from partner_app.webhooks.inbox import subscription_secret
+    from partner_app.webhooks.models import WebhookSubscription
+
+    key, _, sub = _subscription_under_old_key(old_vault)
     old_ciphertext = sub.secret_ct
 
     report = _rotate(rotated_app, new_data_keys=True)
@@ -526,15 +535,7 @@ def test_a_secret_written_under_the_old_key_during_rotation_keeps_it_alive(
     from partner_app.webhooks.inbox import SECRET_COLUMN, SECRET_TABLE, subscription_secret
     from partner_app.webhooks.models import WebhookSubscription
 
-    (operator_id,) = _connect(old_vault, 1)
-    key = db.session.scalars(select(DataKey).where(DataKey.operator_id == operator_id)).one()
-    cipher = old_vault.cipher_for(operator_id=operator_id, data_key_id=key.id,
-                                  wrapped_key=key.wrapped_key)
-    sub = WebhookSubscription(operator_id=operator_id, url="https://p.example/w",
-                              status="active", data_key_id=key.id,
-                              secret_ct=cipher.encrypt(SECRET_TABLE, SECRET_COLUMN, "whsec-1"))
-    db.session.add(sub)
-    db.session.commit()
+    key, cipher, sub = _subscription_under_old_key(old_vault)
     sub_id = sub.id
     with rotated_app.app_context():
         engine = db.engine  # the engine rotation writes through
