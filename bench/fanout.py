@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import ROOT, BenchEnv, obtain_token_set
+from bench.harness import ROOT, STORA_LIMITS, BenchEnv, obtain_token_set, work_folder
 
 ORDERS_PATH = "/2025-09/orders"
 STALL_SECONDS = 120
@@ -353,13 +351,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
-    bench = BenchEnv(str(workdir), sandbox_args=[
-        "--set", f"latency_ms={args.latency_ms}", "--set", "rate_limit_per_second=10",
-        "--set", "rate_limit_per_minute=60", "--set", "rate_limit_key=token"])
-    if args.sqlite:
-        bench.backend = "sqlite"
-    try:
+    with work_folder("bench-fanout-", keep=args.keep) as workdir:
+        bench = BenchEnv(str(workdir), sandbox_args=[
+            "--set", f"latency_ms={args.latency_ms}", *STORA_LIMITS])
+        if args.sqlite:
+            bench.backend = "sqlite"
         with bench:
             from partner_app.queueing import get_redis
 
@@ -380,17 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                 result, memory = run_sync(app, bench, args.workers, workdir, args.operators)
                 enqueue_seconds = measure_enqueue(app, args.enqueue_jobs)
                 get_redis(app).flushdb()
-            backend = bench.backend + " + " + ("redis" if "REDIS_URL" in bench.env
-                                               else "embedded redis")
+            backend = bench.backends
         print(report(args, result, memory, enqueue_seconds, setup_seconds, backend))
         good = result.run_status == "completed" and result.failed_jobs == 0 \
             and result.rate_limited == 0
         return 0 if good else 1
-    finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

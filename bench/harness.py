@@ -8,12 +8,16 @@ is removed on exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,6 +30,22 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 CLIENT_ID = "bench-client"
 CLIENT_SECRET = "bench-client-secret-not-for-production"
 REDIRECT_URI = "http://127.0.0.1:5998/oauth/callback"
+# The sandbox switches that make it enforce Stora's per-token limits (10/s, 60/min).
+STORA_LIMITS = ["--set", "rate_limit_per_second=10", "--set", "rate_limit_per_minute=60",
+                "--set", "rate_limit_key=token"]
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A throwaway folder for one run, removed afterwards unless ``keep`` (then named)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"kept {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _answers(port: int) -> bool:
@@ -52,6 +72,11 @@ class BenchEnv:
         self._sandbox: subprocess.Popen | None = None
         self.sandbox_url = ""
         self._http = requests.Session()
+
+    @property
+    def backends(self) -> str:
+        """The database and the Redis this run used, for the report."""
+        return self.backend + " + " + ("redis" if "REDIS_URL" in self.env else "embedded redis")
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> BenchEnv:

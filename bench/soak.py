@@ -41,11 +41,9 @@ import argparse
 import contextlib
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,7 @@ from pathlib import Path
 import psutil
 
 from bench.fanout import connect_operators, process_env
-from bench.harness import ROOT, BenchEnv
+from bench.harness import ROOT, STORA_LIMITS, BenchEnv, work_folder
 
 API_PREFIX = "/2025-09/"
 TOKEN_PATH = "/oauth2/token"
@@ -403,13 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-    bench = BenchEnv(str(workdir), sandbox_args=[
-        "--set", f"access_token_ttl={args.access_ttl}", "--set", "rate_limit_per_second=10",
-        "--set", "rate_limit_per_minute=60", "--set", "rate_limit_key=token"])
-    if args.sqlite:
-        bench.backend = "sqlite"
-    try:
+    with work_folder("bench-soak-", keep=args.keep) as workdir:
+        bench = BenchEnv(str(workdir), sandbox_args=[
+            "--set", f"access_token_ttl={args.access_ttl}", *STORA_LIMITS])
+        if args.sqlite:
+            bench.backend = "sqlite"
         with bench:
             app = bench.app()
             setup_started = time.monotonic()
@@ -421,16 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             setup_seconds = time.monotonic() - setup_started
             print(f"soaking for {args.duration} s…", file=sys.stderr)
             result = soak(args, bench, app, workdir)
-            backend = bench.backend + " + " + ("redis" if "REDIS_URL" in bench.env
-                                               else "embedded redis")
+            backend = bench.backends
         text, good = report(args, result, backend, setup_seconds)
         print(text)
         return 0 if good else 1
-    finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

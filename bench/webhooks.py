@@ -39,7 +39,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import ROOT, BenchEnv, _free_port
+from bench.harness import ROOT, BenchEnv, _free_port, work_folder
 from partner_app.stora.signatures import HEADER, sign
 
 EXAMPLE = ROOT / "tests" / "data" / "order-created-webhook.raw.json"
@@ -647,23 +646,16 @@ def measure(args, bench: BenchEnv, workdir: Path) -> Results:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.load_start = os.getloadavg()[0]  # the machine is shared: say how busy it was
-    workdir = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
-    bench = BenchEnv(str(workdir))
-    if args.sqlite:
-        bench.backend = "sqlite"
-    try:
+    with work_folder("bench-webhooks-", keep=args.keep) as workdir:
+        bench = BenchEnv(str(workdir))
+        if args.sqlite:
+            bench.backend = "sqlite"
         with bench:
             results = measure(args, bench, workdir)
-            backend = bench.backend + " + " + ("redis" if "REDIS_URL" in bench.env
-                                               else "embedded redis")
+            backend = bench.backends
         text, good = report(args, backend, results)
         print(text)
         return 0 if good else 1
-    finally:
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
