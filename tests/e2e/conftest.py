@@ -13,11 +13,9 @@ import requests
 
 from tests.conftest import (
     ROOT,
-    TEST_CLIENT_ID,
-    TEST_CLIENT_SECRET,
-    TEST_ENCRYPTION_KEYS,
     _truncate_all,
     free_port,
+    settings_env,
 )
 
 
@@ -42,22 +40,9 @@ def stack(backend_urls, sandbox, tmp_path, app):
     sandbox.reset()
     sandbox.register_redirect(f"{public}/oauth/callback")
     _truncate_all(app)
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": backend_urls["database_url"],
-        "INSTANCE_PATH": backend_urls["instance"],
-        "SECRET_KEY": "insecure-e2e-secret-key-0123456789",
-        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS,
-        "STORA_CLIENT_ID": TEST_CLIENT_ID,
-        "STORA_CLIENT_SECRET": TEST_CLIENT_SECRET,
-        "STORA_API_BASE": sandbox.base_url,
-        "PUBLIC_BASE_URL": public,
-        # The canary runs with the noisiest logging we ship.
-        "LOG_LEVEL": "DEBUG",
-    }
-    if backend_urls["redis_url"]:
-        env["REDIS_URL"] = backend_urls["redis_url"]
+    # The canary runs with the noisiest logging we ship.
+    env = {**os.environ, **settings_env(backend_urls, sandbox_url=sandbox.base_url,
+                                        public_base_url=public, LOG_LEVEL="DEBUG")}
     logs = {name: tmp_path / f"{name}.log" for name in ("web", "worker")}
     handles = {name: open(path, "w") for name, path in logs.items()}  # noqa: SIM115
     cli = [sys.executable, "-m", "partner_app.cli"]

@@ -33,10 +33,8 @@ from partner_app.sync.models import SyncedOrder, SyncRunItem
 from partner_app.sync.services import start_sync
 from tests.conftest import (
     ROOT,
-    TEST_CLIENT_ID,
-    TEST_CLIENT_SECRET,
-    TEST_ENCRYPTION_KEYS,
     _truncate_all,
+    settings_env,
 )
 from tests.integration.test_sync import connect_direct, order_requests
 
@@ -54,14 +52,7 @@ def world(app, backend_urls, sandbox, tmp_path) -> Iterator[dict]:
     _truncate_all(app)
     with app.app_context():
         get_redis(app).flushdb()
-    env = {**os.environ, "APP_ENV": "test", "DATABASE_URL": backend_urls["database_url"],
-           "INSTANCE_PATH": backend_urls["instance"],
-           "SECRET_KEY": "insecure-e2e-secret-key-0123456789",
-           "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS, "STORA_CLIENT_ID": TEST_CLIENT_ID,
-           "STORA_CLIENT_SECRET": TEST_CLIENT_SECRET, "STORA_API_BASE": sandbox.base_url,
-           "PUBLIC_BASE_URL": "http://127.0.0.1:5999", "LOG_LEVEL": "INFO"}
-    if backend_urls["redis_url"]:
-        env["REDIS_URL"] = backend_urls["redis_url"]
+    env = {**os.environ, **settings_env(backend_urls, sandbox_url=sandbox.base_url)}
     procs: list[subprocess.Popen] = []
     logs = []
 

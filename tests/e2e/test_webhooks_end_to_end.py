@@ -38,11 +38,9 @@ from partner_app.db import db
 from partner_app.queueing import get_redis
 from tests.conftest import (
     ROOT,
-    TEST_CLIENT_ID,
-    TEST_CLIENT_SECRET,
-    TEST_ENCRYPTION_KEYS,
     _truncate_all,
     free_port,
+    settings_env,
 )
 from tests.consent import consent
 from tests.e2e.conftest import wait_for_http
@@ -66,17 +64,9 @@ def world(backend_urls, sandbox, tmp_path, app) -> Iterator[dict[str, Any]]:
     sandbox.reset()
     sandbox.register_redirect(f"{public}/oauth/callback")
     _truncate_all(app)
-    env = {
-        **os.environ, "APP_ENV": "test", "DATABASE_URL": backend_urls["database_url"],
-        "INSTANCE_PATH": backend_urls["instance"],
-        "SECRET_KEY": "insecure-e2e-secret-key-0123456789",
-        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEYS, "STORA_CLIENT_ID": TEST_CLIENT_ID,
-        "STORA_CLIENT_SECRET": TEST_CLIENT_SECRET, "STORA_API_BASE": sandbox.base_url,
-        "PUBLIC_BASE_URL": public, "LOG_LEVEL": "INFO",
-        "STORA_RATE_PER_MINUTE": str(RAISED_PER_MINUTE),
-    }
-    if backend_urls["redis_url"]:
-        env["REDIS_URL"] = backend_urls["redis_url"]
+    env = {**os.environ, **settings_env(backend_urls, sandbox_url=sandbox.base_url,
+                                        public_base_url=public,
+                                        STORA_RATE_PER_MINUTE=str(RAISED_PER_MINUTE))}
     with app.app_context():
         get_redis(app).flushdb()  # starts the embedded Redis if that is the backend
     redis_url = env.get("REDIS_URL") or _embedded_url(backend_urls)
