@@ -221,12 +221,15 @@ def sandbox(ctx: click.Context, port: int) -> None:
 @cli.command("web", with_appcontext=False)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True)
-@click.option("--workers", default=2, show_default=True)
-def web(host: str, port: int, workers: int) -> None:
+@click.option("--workers", default=2, show_default=True, envvar="WEB_WORKERS",
+              type=click.IntRange(1), help="Processes (gunicorn workers).")
+@click.option("--threads", default=4, show_default=True, envvar="WEB_THREADS",
+              type=click.IntRange(1), help="Threads per process.")
+def web(host: str, port: int, workers: int, threads: int) -> None:
     """Serve the web app with gunicorn (access log without query strings)."""
     os.execvp(sys.executable, [
         sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", f"{host}:{port}",
-        "--workers", str(workers), "--threads", "4", "--worker-class", "gthread",
+        "--workers", str(workers), "--threads", str(threads), "--worker-class", "gthread",
         "--access-logfile", "-",
         # %(U)s is the path without the query string: the callback's code and state
         # must never reach a log.

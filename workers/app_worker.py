@@ -30,6 +30,13 @@ class AppWorker(Worker):
         super().__init__(*args, **kwargs)
         self.app = app
 
+    @property
+    def dequeue_timeout(self) -> int:
+        # RQ runs maintenance between dequeues, and an idle worker blocks in one for
+        # worker_ttl - 15 s (405 s): wake at least once per maintenance interval, or a
+        # quiet worker never takes over a dead one's jobs and scheduler.
+        return max(1, min(self.worker_ttl - 15, int(self.maintenance_interval)))
+
     def perform_job(self, job, queue, execution) -> bool:
         metrics.adopt_work_horse_identity()
         with self.app.app_context(), job_context(job.id):

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from partner_app import failpoints
 from partner_app.connections.credentials import cipher_for_key
 from partner_app.db import db
 from partner_app.security.models import DataKey
@@ -269,6 +270,8 @@ def _store(conn: Connection, route: Route, body: bytes, headers: Mapping[str, st
         values.update(route_subscription_id=route.subscription_id,
                       route_secret_ct=route.secret_ct, route_wrapped_key=route.wrapped_key,
                       route_now=now)
+    # On the receiver's autocommit connection the insert is the commit.
+    failpoints.reach("webhook_before_commit")
     row = conn.execute(_store_statement(conn.dialect.name, guarded=guarded), values).first()
     if row is None:
         return None

@@ -1,5 +1,8 @@
 """``POST /webhooks/stora/<route key>``: verify, store durably, acknowledge, then process.
 
+The store runs on the receiver's own autocommit pool (``receipt_db``): one statement,
+committed when it returns, and only then the 2xx.
+
 Answers: 200 stored (or already stored); 400/401 not authentic or malformed (nothing
 stored; Stora's retry is harmless); 404 unknown route (no detail); 413 too large;
 503 the database could not store it (Stora retries). A Redis outage does not fail a
@@ -14,11 +17,11 @@ from datetime import UTC, datetime
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from partner_app import failpoints, metrics
+from partner_app import metrics
 from partner_app.db import db
 from partner_app.extensions import csrf
 from partner_app.logging import bind_operator
-from partner_app.webhooks import inbox
+from partner_app.webhooks import inbox, receipt_db
 from partner_app.webhooks.jobs import DRAIN, request_drain
 
 log = logging.getLogger(__name__)
@@ -39,16 +42,17 @@ def receive(route_key: str):
     if len(body) > settings.webhook_max_body:
         metrics.webhook_delivery("rejected")
         return jsonify(error="too_large"), 413
+
+    def store(conn) -> inbox.Received:
+        return inbox.receive(conn, route_key, body, request.headers,
+                             vault=current_app.extensions["vault"], now=datetime.now(UTC),
+                             tolerance=settings.webhook_tolerance)
+
     try:
-        received = inbox.receive(db.session.connection(), route_key, body, request.headers,
-                                 vault=current_app.extensions["vault"],
-                                 now=datetime.now(UTC),
-                                 tolerance=settings.webhook_tolerance)
+        received, retried = receipt_db.run(receipt_db.engine_for(current_app, db.engine),
+                                           store)
         bind_operator(received.operator_id)
-        failpoints.reach("webhook_before_commit")
-        db.session.commit()
     except inbox.Rejected as rejected:
-        db.session.rollback()
         metrics.webhook_delivery("rejected")
         log.info("webhook.rejected", extra={"reason": rejected.reason,
                                             "status": rejected.status})
@@ -56,13 +60,13 @@ def receive(route_key: str):
             return "", 404
         return jsonify(error=rejected.reason), rejected.status
     except SQLAlchemyError:
-        db.session.rollback()
         log.exception("webhook.store_failed")
         metrics.webhook_delivery("failed")
         return jsonify(error="unavailable"), 503
     metrics.webhook_delivery("duplicate" if received.duplicate else "accepted")
-    if not received.duplicate:
-        # After the commit: a drain that starts now finds the row.
+    if not received.duplicate or retried:
+        # After the commit: a drain that starts now finds the row. (A retried store
+        # may have committed on its lost first attempt, so "duplicate" proves nothing.)
         try:
             if request_drain():
                 log.info("job.enqueued", extra={"job_func": DRAIN, "queue": "webhooks"})

@@ -56,13 +56,13 @@ def world(app, backend_urls, sandbox, tmp_path) -> Iterator[dict]:
     procs: list[subprocess.Popen] = []
     logs = []
 
-    def start_worker(name: str) -> subprocess.Popen:
+    def start_worker(name: str, **extra_env: str) -> subprocess.Popen:
         log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed at teardown)
         logs.append(log)
         proc = subprocess.Popen([sys.executable, "-m", "partner_app.cli", "worker", QUEUE_SYNC,
                                  "--name", f"{name}-{os.getpid()}"],
-                                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env={**env, **extra_env}, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(proc)
         return proc
 
@@ -128,9 +128,10 @@ def _start_run(operator_id: int) -> int:
     return run.id
 
 
-def _assert_applied_once(run_id: int, operator_id: int, sandbox, since: int) -> SyncRunItem:
+def _assert_applied_once(run_id: int, operator_id: int, sandbox, since: int,
+                         within: float = 40) -> SyncRunItem:
     item = _wait(lambda: (lambda i: i if i.status in ("succeeded", "failed") else None)(
-        _item(run_id, operator_id)), 40, "the item to settle")
+        _item(run_id, operator_id)), within, "the item to settle")
     assert item.status == "succeeded", item.error
     rows = db.session.scalar(select(func.count()).select_from(SyncedOrder))
     distinct = db.session.scalar(select(func.count(func.distinct(SyncedOrder.stora_id))))
@@ -191,3 +192,35 @@ def test_a_killed_worker_is_recovered_by_maintenance(world, sandbox, monkeypatch
     world["start_worker"]("t13-fresh")
     item = _assert_applied_once(run_id, operator_id, sandbox, since)
     assert item.attempts == 2
+
+
+def test_live_workers_take_over_a_killed_worker_on_their_own(world, sandbox):
+    """Nothing simulated: a live worker's own maintenance (every 2 s here, 30 s by
+    default) re-queues the dead worker's job once its heartbeat lapses (90 s) and takes
+    over its scheduler lock once that lapses (61 s), which the retry's interval needs."""
+    app = world["app"]
+    operator_id, _ = _operator_with_orders(app, sandbox)
+    sandbox.admin("PATCH", "config", json={"latency_ms": LATENCY_MS})
+    since = sandbox.requests_log()[-1]["seq"]
+    connection: redis.Redis = get_redis(app)
+    first = world["start_worker"]("t13-dead")
+    lock = RQScheduler.get_locking_key(QUEUE_SYNC)
+    dead_scheduler = _wait(lambda: connection.get(lock), 20, "the first worker's scheduler lock")
+    live = world["start_worker"]("t13-live", WORKER_MAINTENANCE_INTERVAL="2")
+    run_id = _start_run(operator_id)
+    _wait(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
+    job = get_queue(QUEUE_SYNC).fetch_job(sync_jobs.job_id(run_id, operator_id))
+    assert job.worker_name.startswith("t13-dead"), job.worker_name
+    horse = _horse_of(first)
+    os.killpg(first.pid, signal.SIGKILL)  # the worker and its scheduler
+    horse.send_signal(signal.SIGKILL)
+    first.wait(10)
+    killed = time.monotonic()
+
+    item = _assert_applied_once(run_id, operator_id, sandbox, since, within=150)
+    took = time.monotonic() - killed
+    print(f"\n[worker takeover] the live worker resumed the dead worker's job {took:.0f} s "
+          "after the kill")
+    assert item.attempts == 2 and live.poll() is None
+    assert job.refresh() is None and job.worker_name.startswith("t13-live")
+    assert connection.get(lock) not in (None, dead_scheduler)  # the live one schedules now

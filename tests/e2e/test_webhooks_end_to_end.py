@@ -9,7 +9,10 @@ by side: each order costs two jobs (process the event, record the timeline entry
 one forking worker does about a dozen a second here. A work-horse in flight has its own
 process group and finishes its job; if a horse dies too, the events its drain had
 claimed pass to the next delivery of that drain job (fenced claims), without waiting
-for the five-minute claim lease. Then,
+for the five-minute claim lease. What the dead workers held in Redis (a job dequeued
+but not yet handed to a horse, its per-operator concurrency slot, the scheduler lock
+that rate-limit waits need) passes to the new workers through their own maintenance,
+every 30 s, once the dead heartbeats and lock lapse (about 90 s at worst). Then,
 within the deadline: exactly one mirrored order per created order, exactly one timeline
 event per order at the sandbox (action key ``order.created:<order id>``), every inbox
 row processed, and no webhook secret anywhere but in its ciphertext.
@@ -124,16 +127,36 @@ def _query(engine: sa.Engine, sql: str, **params: Any) -> list[sa.Row]:
         return list(conn.execute(sa.text(sql), params))
 
 
-def _wait(predicate: Callable[[], Any], *, until: float, what: str, logs) -> Any:
+def _wait(predicate: Callable[[], Any], *, until: float, what: str, logs,
+          state: Callable[[], str] = lambda: "") -> Any:
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > until:
             latest = max(logs.glob("worker-*.log"), key=lambda path: path.stat().st_mtime)
-            raise AssertionError(f"timed out waiting for {what}; {latest.name} ends:\n"
-                                 f"{latest.read_text()[-3000:]}")
+            raise AssertionError(f"timed out waiting for {what}; {state()}\n"
+                                 f"{latest.name} ends:\n{latest.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+def _state(engine: sa.Engine, app) -> str:
+    """Where the work stands, for a timeout's message: inbox and timeline rows by
+    status, and RQ's queues and registries."""
+    from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+
+    from partner_app.queueing import QUEUES, get_queue
+
+    inbox = _query(engine, "SELECT status, count(*) FROM webhook_events GROUP BY status")
+    timeline = _query(engine, "SELECT status, count(*) FROM timeline_events GROUP BY status")
+    mirrored = _query(engine, "SELECT count(*) FROM synced_orders")[0][0]
+    with app.app_context():
+        queues = {name: (len(q := get_queue(name)),
+                         StartedJobRegistry(name, connection=q.connection).count,
+                         ScheduledJobRegistry(name, connection=q.connection).count)
+                  for name in QUEUES}
+    return (f"inbox {dict(map(tuple, inbox))}, timeline {dict(map(tuple, timeline))}, "
+            f"{mirrored} mirrored; queued/started/scheduled {queues}")
 
 
 def _timeline_messages(sandbox, stora_ids: list[str]) -> list[str]:
@@ -147,10 +170,10 @@ def test_three_operators_receive_every_order_once_through_a_worker_kill(world, s
     # The app's own engine: a second SQLite engine in this process would hold its own
     # connections to the file across the forks later tests make.
     with app.app_context():
-        _run(world, sandbox, db.engine, backend_urls)
+        _run(world, sandbox, db.engine, backend_urls, app)
 
 
-def _run(world, sandbox, engine: sa.Engine, backend_urls) -> None:
+def _run(world, sandbox, engine: sa.Engine, backend_urls, app) -> None:
     logs = world["logs"]
     first = [world["start_worker"](f"worker-{n}") for n in range(1, WORKERS + 1)]
     names = [op["name"] for op in sandbox.operators()][:OPERATORS]
@@ -205,7 +228,8 @@ def _run(world, sandbox, engine: sa.Engine, backend_urls) -> None:
                                   "WHERE status = 'recorded'")[0][0]
         return mirrored >= total and unprocessed == 0 and recorded >= total
 
-    _wait(settled, until=until, what="every order mirrored and on the timeline", logs=logs)
+    _wait(settled, until=until, what="every order mirrored and on the timeline", logs=logs,
+          state=lambda: _state(engine, app))
     elapsed = time.monotonic() - started
 
     mirrored = [row[0] for row in _query(engine, "SELECT stora_id FROM synced_orders")]

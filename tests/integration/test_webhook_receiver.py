@@ -11,7 +11,8 @@ deliveries to ``POST /webhooks/stora/<route key>``.
     newest order in ``synced_orders``;
 (d) a failed handler keeps its error on the row and ``replay_event`` runs it again;
 (e) a route this process verified a moment ago is re-checked on every delivery: a
-    disable, a new secret or a destroyed data key takes effect at once.
+    disable, a new secret or a destroyed data key takes effect at once;
+(f) a receipt connection the database dropped costs a retry, not a 503.
 
 Subscriptions are made directly (status ``active``, a known secret encrypted with the
 operator's data key, as the reconciler stores it); processing runs in a real forking
@@ -36,6 +37,7 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 import time_machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,7 +46,7 @@ from sqlalchemy import func, select, update
 from partner_app.connections.credentials import cipher_for_key, live_data_key
 from partner_app.connections.models import Operator, OperatorStatus
 from partner_app.db import db
-from partner_app.queueing import QUEUE_WEBHOOKS, get_queue
+from partner_app.queueing import QUEUE_WEBHOOKS, get_queue, get_redis
 from partner_app.security.models import DataKey
 from partner_app.stora.signatures import HEADER, sign
 from partner_app.sync.models import SyncedOrder
@@ -57,7 +59,7 @@ from partner_app.webhooks.models import (
     WebhookSubscription,
     new_route_key,
 )
-from tests.conftest import ROOT, free_port, settings_env
+from tests.conftest import BACKEND, ROOT, free_port, settings_env
 from tests.integration.test_sync import work
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "data" / "order-created-webhook.raw.json"
@@ -533,3 +535,30 @@ def test_a_destroyed_data_key_stops_deliveries_at_once(client, app_ctx, hook):
     resp = _deliver(client, hook)
     assert (resp.status_code, resp.get_json()) == (503, {"error": "secret_unreadable"})
     assert len(inbox_rows(hook.operator_id)) == 1
+
+
+# -- (f) the receiver's own pool -------------------------------------------------------------
+@pytest.mark.skipif(BACKEND != "services", reason="needs a database server to drop connections")
+def test_connections_the_server_dropped_cost_a_retry_not_a_503(client, app_ctx, hook):
+    """The receipt pool has no pre-ping: after PostgreSQL ends its sessions (a restart,
+    a failover) the next delivery's first attempt fails on a dead connection, and the
+    retry on a fresh one stores it (200) and still asks for a drain."""
+    from partner_app.webhooks import receipt_db
+    from partner_app.webhooks.jobs import DRAIN_MARK
+
+    assert _deliver(client, hook).status_code == 200  # the pool now holds a connection
+    engine = receipt_db.engine_for(app_ctx, db.engine)
+    assert engine.pool.checkedin() >= 1
+    ended = db.session.execute(sa.text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = :name"), {"name": receipt_db.APPLICATION_NAME}).scalar()
+    db.session.commit()
+    assert ended == engine.pool.checkedin() >= 1
+    redis = get_redis(app_ctx)
+    redis.delete(DRAIN_MARK)
+    jobs._last_request = -1e9  # this process did not ask a moment ago
+
+    resp = _deliver(client, hook)
+    assert (resp.status_code, resp.get_json()["duplicate"]) == (200, False)
+    assert len(inbox_rows(hook.operator_id)) == 2
+    assert redis.exists(DRAIN_MARK)
