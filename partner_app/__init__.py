@@ -17,6 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from partner_app import metrics, queueing, security_headers
     from partner_app.connections.views import bp as connections_bp
     from partner_app.dashboard import bp as dashboard_bp
+    from partner_app.db import ping_when_idle
     from partner_app.extensions import csrf, db, login_manager, migrate
     from partner_app.health import bp as health_bp
     from partner_app.logging import configure_logging
@@ -32,7 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(
         SECRET_KEY=settings.secret_key,
         SQLALCHEMY_DATABASE_URI=settings.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        # Liveness checks on checkout come from db.ping_when_idle, below.
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": False},
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.secure_cookies,
@@ -57,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app_logging.init_app(app)
     metrics.init_app(app)
     db.init_app(app)
+    with app.app_context():
+        ping_when_idle(db.engine)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     csrf.init_app(app)
     login_manager.init_app(app)

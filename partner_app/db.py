@@ -6,10 +6,11 @@ no zone) and PostgreSQL behave the same way in Python.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import DateTime, MetaData, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, registry
@@ -80,3 +81,38 @@ def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+# A pooled connection idle for less than this is used without a liveness check.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def ping_when_idle(engine: Engine, *, after: float = PING_AFTER_IDLE_SECONDS) -> None:
+    """Check a pooled connection's liveness at checkout only if it sat idle ``after``
+    seconds or more (SQLAlchemy's ``pool_pre_ping`` checks every checkout).
+
+    A job commits several times in quick succession (its claim, each page, its
+    outcome), and each commit returns the connection to the pool: with the stock
+    pre-ping every one of those transactions paid a ``SELECT 1`` round trip. A
+    connection checked in a moment ago was alive a moment ago; the cost of trusting
+    it is that a database restart within that second surfaces as one failed
+    transaction (which jobs retry) instead of a silent reconnect. A failed check
+    invalidates the pool, as ``pool_pre_ping`` does, and the pool reconnects.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection, record, proxy) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < after:
+            return  # a new connection, or one in use a moment ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, None):
+                raise exc.InvalidatePoolError() from error
+            raise
