@@ -32,7 +32,12 @@ def engine_for(app: Flask, main: Engine) -> Engine:
     """This process's receipt engine for ``app`` (the same database as ``main``).
 
     Made on first use in each process: an engine's pooled connections must not cross
-    a fork (gunicorn forks its workers after importing the app)."""
+    a fork (gunicorn forks its workers after importing the app). On SQLite, the app's
+    own engine in autocommit mode."""
+    if main.url.get_backend_name() == "sqlite":
+        # No server, so no round trips to save: autocommit on the app's own pool, whose
+        # connections the app (and the test-suite) closes together.
+        return main.execution_options(isolation_level="AUTOCOMMIT")
     held = app.extensions.get(_EXTENSION)
     if held is not None:
         if held[0] == os.getpid():
