@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import logging.config
+import random
 import re
-import secrets
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -228,7 +228,9 @@ def inbound_request_id(value: str | None) -> str:
     """The caller's ``X-Request-Id`` if it is sane, else a new random one."""
     if value and _SANE_REQUEST_ID.match(value):
         return value
-    return secrets.token_hex(16)
+    # A correlation id, not a secret: the process's own generator (reseeded from the OS
+    # in every forked child) instead of a system call per request.
+    return f"{random.getrandbits(128):032x}"
 
 
 def init_app(app) -> None:
