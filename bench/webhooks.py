@@ -539,7 +539,8 @@ def report(args, backend: str, r: Results) -> tuple[str, bool]:
     verdict = {True: "PASS", False: "FAIL"}
     lines = [
         f"webhook receipt on {backend}; {os.cpu_count()} cores; partner-app web (gunicorn "
-        f"2 x 4 gthread); {args.connections} keep-alive connections; {args.workers} RQ "
+        f"{os.environ.get('WEB_WORKERS', '2')} x {os.environ.get('WEB_THREADS', '4')} "
+        f"gthread); {args.connections} keep-alive connections; {args.workers} RQ "
         f"workers; {DUPLICATE_RATIO:.0%} duplicates; {args.seconds:.0f} s per phase; "
         f"saturated phases by {args.generator}, paced phase by Python threads; "
         f"load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
