@@ -1,11 +1,12 @@
-"""The webhook receiver's own connection pool: autocommit, no pre-ping.
+"""The webhook receiver's own connection pool: autocommit, no liveness ping.
 
 A delivery is stored by one ``INSERT … ON CONFLICT`` that is atomic by itself, so the
 receiver runs it in autocommit: one round trip to the database where the app's session
-costs four (the pool's pre-ping, ``BEGIN``, the statement, ``COMMIT``). Receipt is the
-platform's hottest path and Stora waits on it, so it gets its own small pool.
+costs up to four (a liveness ping for a connection that sat idle, ``BEGIN``, the
+statement, ``COMMIT``). Receipt is the platform's hottest path and Stora waits on it,
+so it gets its own small pool.
 
-Without the pre-ping, a connection the server dropped (a restart, a failover) fails
+Without a ping, a connection the server dropped (a restart, a failover) fails
 its first statement instead of being replaced at checkout. ``run`` then retries the
 work once on a fresh connection: SQLAlchemy has already invalidated the pool's older
 connections by then, and storing is idempotent (a second attempt of an insert whose

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 import secrets
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -36,6 +38,8 @@ from partner_app.sync.models import SyncCursor, SyncedOrder, SyncRun, SyncRunIte
 from partner_app.sync.services import start_sync
 from tests.integration.test_install_flow import install
 from workers.app_worker import AppWorker, prepare_for_fork
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "data" / "order-created-webhook.raw.json"
 
 ORDERS_PATH = "/2025-09/orders"
 
@@ -245,6 +249,24 @@ def test_a_stale_copy_never_overwrites_a_newer_row(app_ctx):
     db.session.commit()
     row = db.session.scalars(select(SyncedOrder)).one()
     assert (row.status, row.total_amount, row.currency) == ("completed", 100, "GBP")
+
+
+def test_each_order_is_stored_exactly_as_stora_sent_it(app_ctx):
+    """The page travels as one JSON text; every order's payload must come back equal,
+    whatever it holds (Stora's documented example, plus text JSON must escape)."""
+    example = json.loads(EXAMPLE.read_bytes())["event"]["data"]["order"]
+    odd = {**example, "id": "order_odd", "updated_at": "2025-05-03T00:00:00Z",
+           "notes": 'Caf\u00e9 \u2013 "bay 7"\\back\nslash \U0001f4e6',
+           "nested": {"a": [1, 2.5, None, True, {"b": ""}]}, "big": 2 ** 53 + 1}
+    orders = [{**example, "id": f"order_{n}"} for n in range(3)] + [odd]
+    operator = Operator(name="x", status=OperatorStatus.ACTIVE)
+    db.session.add(operator)
+    db.session.flush()
+    sync_orders.upsert_orders(operator.id, orders, now=datetime.now(UTC))
+    db.session.commit()
+    db.session.expire_all()
+    stored = {row.stora_id: row.payload for row in db.session.scalars(select(SyncedOrder))}
+    assert stored == {order["id"]: order for order in orders}
 
 
 # -- fan-out through real workers -----------------------------------------------------------
