@@ -7,6 +7,8 @@ again and its effect is applied once: one row per Stora order, resumed from the 
    once its heartbeat lapses and retries it, and a fresh worker runs it. The heartbeat
    TTL is at least 60 s and the dead scheduler's lock 61 s, so the test runs RQ's own
    maintenance step with its clock moved past them instead of waiting.
+3. The same kill with a live worker already running, and nothing done by the test: the
+   live worker's own maintenance takes the job and the scheduler over (about 100 s).
 """
 
 from __future__ import annotations
