@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
+import psutil
 import pytest
 import requests
 
@@ -30,6 +33,31 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None
         except requests.RequestException:
             time.sleep(0.1)
     raise AssertionError(f"{url} never answered")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` every 50 ms; its first truthy value, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def horse_of(worker: subprocess.Popen) -> psutil.Process:
+    """The worker's work-horse: the child that leads its own process group (the horse
+    calls setpgrp); the scheduler child shares the worker's group."""
+    def find():
+        for child in psutil.Process(worker.pid).children():
+            try:
+                if os.getpgid(child.pid) == child.pid:
+                    return child
+            except ProcessLookupError:
+                continue
+        return None
+    return wait_until(find, 10, "the work-horse")
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
 import redis
 from rq.registry import StartedJobRegistry
@@ -38,6 +37,7 @@ from tests.conftest import (
     _truncate_all,
     settings_env,
 )
+from tests.e2e.conftest import horse_of, wait_until
 from tests.integration.test_sync import connect_direct, order_requests
 
 pytestmark = pytest.mark.e2e
@@ -99,30 +99,6 @@ def _item(run_id: int, operator_id: int) -> SyncRunItem:
     return item
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _horse_of(worker: subprocess.Popen) -> psutil.Process:
-    """The worker's work-horse: the child that leads its own process group (RQ's
-    horse calls setpgrp); the scheduler child shares the worker's group."""
-    def find():
-        for child in psutil.Process(worker.pid).children():
-            try:
-                if os.getpgid(child.pid) == child.pid:
-                    return child
-            except ProcessLookupError:
-                continue
-        return None
-    return _wait(find, 10, "the work-horse")
-
-
 def _start_run(operator_id: int) -> int:
     run = start_sync("orders", requested_by="t13", operator_id=operator_id,
                      record_timeline=False)
@@ -132,7 +108,7 @@ def _start_run(operator_id: int) -> int:
 
 def _assert_applied_once(run_id: int, operator_id: int, sandbox, since: int,
                          within: float = 40) -> SyncRunItem:
-    item = _wait(lambda: (lambda i: i if i.status in ("succeeded", "failed") else None)(
+    item = wait_until(lambda: (lambda i: i if i.status in ("succeeded", "failed") else None)(
         _item(run_id, operator_id)), within, "the item to settle")
     assert item.status == "succeeded", item.error
     rows = db.session.scalar(select(func.count()).select_from(SyncedOrder))
@@ -153,8 +129,8 @@ def test_a_killed_work_horse_is_retried_and_resumes_from_the_cursor(world, sandb
     worker = world["start_worker"]("t13-horse")
     run_id = _start_run(operator_id)
 
-    _wait(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
-    horse = _horse_of(worker)
+    wait_until(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
+    horse = horse_of(worker)
     horse.send_signal(signal.SIGKILL)
     pages_at_kill = _item(run_id, operator_id).pages
 
@@ -174,8 +150,8 @@ def test_a_killed_worker_is_recovered_by_maintenance(world, sandbox, monkeypatch
     since = sandbox.requests_log()[-1]["seq"]
     first = world["start_worker"]("t13-dead")
     run_id = _start_run(operator_id)
-    _wait(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
-    horse = _horse_of(first)
+    wait_until(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
+    horse = horse_of(first)
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its scheduler
     horse.send_signal(signal.SIGKILL)
     first.wait(10)
@@ -207,13 +183,14 @@ def test_live_workers_take_over_a_killed_worker_on_their_own(world, sandbox):
     connection: redis.Redis = get_redis(app)
     first = world["start_worker"]("t13-dead")
     lock = RQScheduler.get_locking_key(QUEUE_SYNC)
-    dead_scheduler = _wait(lambda: connection.get(lock), 20, "the first worker's scheduler lock")
+    dead_scheduler = wait_until(lambda: connection.get(lock), 20,
+                                "the first worker's scheduler lock")
     live = world["start_worker"]("t13-live", WORKER_MAINTENANCE_INTERVAL="2")
     run_id = _start_run(operator_id)
-    _wait(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
+    wait_until(lambda: _item(run_id, operator_id).pages >= 2, 20, "two committed pages")
     job = get_queue(QUEUE_SYNC).fetch_job(sync_jobs.job_id(run_id, operator_id))
     assert job.worker_name.startswith("t13-dead"), job.worker_name
-    horse = _horse_of(first)
+    horse = horse_of(first)
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its scheduler
     horse.send_signal(signal.SIGKILL)
     first.wait(10)

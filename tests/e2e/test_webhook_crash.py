@@ -51,6 +51,7 @@ from partner_app.timeline.models import TimelineEvent
 from partner_app.webhooks import jobs
 from partner_app.webhooks.models import WebhookEvent
 from tests.conftest import BACKEND, ROOT, _truncate_all, free_port, settings_env
+from tests.e2e.conftest import wait_until
 from tests.integration.test_webhook_receiver import (
     Hook,
     encode,
@@ -167,16 +168,6 @@ def _answers(url: str, proc: subprocess.Popen, log: Path) -> bool:
         return True
     except requests.RequestException:
         return False
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

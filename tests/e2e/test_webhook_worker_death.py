@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -37,6 +36,7 @@ from partner_app.timeline.models import TimelineEvent
 from partner_app.webhooks import inbox, jobs
 from partner_app.webhooks.models import WebhookEvent
 from tests.conftest import ROOT, _truncate_all, settings_env
+from tests.e2e.conftest import horse_of, wait_until
 from tests.integration.test_webhook_receiver import encode, envelope, make_hook, signed_headers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -78,16 +78,6 @@ def world(app, backend_urls, sandbox, tmp_path) -> Iterator[dict]:
     _truncate_all(app)
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _rows(operator_id: int) -> list[WebhookEvent]:
     db.session.expire_all()
     rows = list(db.session.scalars(select(WebhookEvent).where(
@@ -110,21 +100,8 @@ def _all_claimed(operator_id: int) -> list[WebhookEvent] | None:
     return rows if rows and all(r.status == "processing" for r in rows) else None
 
 
-def _horse_of(worker: subprocess.Popen) -> psutil.Process:
-    """The work-horse: the worker's child that leads its own process group."""
-    def find():
-        for child in psutil.Process(worker.pid).children():
-            try:
-                if os.getpgid(child.pid) == child.pid:
-                    return child
-            except ProcessLookupError:
-                continue
-        return None
-    return _wait(find, 10, "the work-horse")
-
-
 def _assert_processed_once(operator_id: int, drain_job_id: str) -> None:
-    rows = _wait(lambda: (lambda rs: rs if all(r.status == "processed" for r in rs) else None)(
+    rows = wait_until(lambda: (lambda rs: rs if all(r.status == "processed" for r in rs) else None)(
         _rows(operator_id)), PROMPT_SECONDS, "every event processed")
     # Claimed by the first delivery, taken over by the second: two attempts, no more.
     assert [(r.attempts, r.claimed_by, r.last_error) for r in rows] == \
@@ -143,10 +120,10 @@ def test_a_killed_work_horse_hands_its_claims_to_the_retry_at_once(world):
     _receive(app, hook)
     worker = world["start_worker"]("wh-horse")
 
-    claimed = _wait(lambda: _all_claimed(hook.operator_id), 30, "the drain's claims")
+    claimed = wait_until(lambda: _all_claimed(hook.operator_id), 30, "the drain's claims")
     assert {r.claim_delivery for r in claimed} == {0}
     [drain_job_id] = {r.claimed_by for r in claimed}
-    _horse_of(worker).send_signal(signal.SIGKILL)  # inside the first handler's pause
+    horse_of(worker).send_signal(signal.SIGKILL)  # inside the first handler's pause
     killed_at = time.monotonic()
 
     _assert_processed_once(hook.operator_id, drain_job_id)
@@ -161,9 +138,9 @@ def test_a_killed_worker_s_claims_pass_to_the_next_delivery_before_the_lease_lap
     hook = make_hook(app)
     _receive(app, hook)
     first = world["start_worker"]("wh-dead")
-    claimed = _wait(lambda: _all_claimed(hook.operator_id), 30, "the drain's claims")
+    claimed = wait_until(lambda: _all_claimed(hook.operator_id), 30, "the drain's claims")
     [drain_job_id] = {r.claimed_by for r in claimed}
-    horse = _horse_of(first)
+    horse = horse_of(first)
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its scheduler
     horse.send_signal(signal.SIGKILL)
     first.wait(10)
