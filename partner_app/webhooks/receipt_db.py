@@ -35,20 +35,21 @@ def engine_for(app: Flask, main: Engine) -> Engine:
     Made on first use in each process: an engine's pooled connections must not cross
     a fork (gunicorn forks its workers after importing the app). On SQLite, the app's
     own engine in autocommit mode."""
-    if main.url.get_backend_name() == "sqlite":
+    held = app.extensions.get(_EXTENSION)
+    if held is not None and held[0] == os.getpid():
+        return held[1]
+    backend = main.url.get_backend_name()
+    if backend == "sqlite":
         # No server, so no round trips to save: autocommit on the app's own pool, whose
         # connections the app (and the test-suite) closes together.
-        return main.execution_options(isolation_level="AUTOCOMMIT")
-    held = app.extensions.get(_EXTENSION)
-    if held is not None:
-        if held[0] == os.getpid():
-            return held[1]
-        held[1].dispose(close=False)  # the parent's connections: leave them to it
-    # Named in pg_stat_activity, so a DBA can tell the receiver's sessions apart.
-    connect_args = ({"application_name": APPLICATION_NAME}
-                    if main.url.get_backend_name() == "postgresql" else {})
-    engine = create_engine(main.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False,
-                           pool_size=4, max_overflow=4, connect_args=connect_args)
+        engine = main.execution_options(isolation_level="AUTOCOMMIT")
+    else:
+        if held is not None:
+            held[1].dispose(close=False)  # the parent's connections: leave them to it
+        # Named in pg_stat_activity, so a DBA can tell the receiver's sessions apart.
+        connect_args = {"application_name": APPLICATION_NAME} if backend == "postgresql" else {}
+        engine = create_engine(main.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False,
+                               pool_size=4, max_overflow=4, connect_args=connect_args)
     app.extensions[_EXTENSION] = (os.getpid(), engine)
     return engine
 
