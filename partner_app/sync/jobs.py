@@ -151,6 +151,9 @@ class _JobTemplate:
         """What differs per operator: (job id, data, description, rate-limit key).
         Only for a checked, trusted template."""
         assert self.job is not None and self.trusted
+        return self._varying(operator_id)
+
+    def _varying(self, operator_id: int) -> tuple[str, bytes, str, str]:
         job = self.job
         job.args = (self.run_id, operator_id)
         return (job_id(self.run_id, operator_id), zlib.compress(job.data),
@@ -163,11 +166,9 @@ class _JobTemplate:
             self.base = self.job.to_dict()
         if self.checked and not self.trusted:
             return one, _rq_job(self.queue, self.run_id, operator_id).to_dict()
-        job = self.job
-        job.args = (self.run_id, operator_id)
-        mapping = {**self.base, "data": zlib.compress(job.data),
-                   "description": job.get_call_string(),
-                   "rate_limit_key": operator_rate_limit(operator_id).key}
+        _, data, description, limit = self._varying(operator_id)
+        mapping = {**self.base, "data": data, "description": description,
+                   "rate_limit_key": limit}
         if not self.checked:
             self.checked = True
             built = _rq_job(self.queue, self.run_id, operator_id).to_dict()
