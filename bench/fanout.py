@@ -38,7 +38,15 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import ROOT, STORA_LIMITS, BenchEnv, obtain_token_set, work_folder
+from bench.harness import (
+    ROOT,
+    STORA_LIMITS,
+    BenchEnv,
+    named_cpu,
+    obtain_token_set,
+    tree_cpu,
+    work_folder,
+)
 
 ORDERS_PATH = "/2025-09/orders"
 STALL_SECONDS = 120
@@ -84,8 +92,8 @@ def connect_operators(app, bench: BenchEnv, sandbox_operators: list[dict]) -> No
 
 # -- measurements ------------------------------------------------------------------------
 def measure_enqueue(app, count: int, batch: int = 500) -> float:
-    """Seconds to enqueue ``count`` rate-limited operator jobs as the fan-out does: per
-    batch, an existence check then one pipeline (on a queue no worker listens to)."""
+    """Seconds to enqueue ``count`` rate-limited operator jobs as the fan-out does: one
+    Lua call per batch that skips existing ids (on a queue no worker listens to)."""
     from partner_app.queueing import get_queue
     from partner_app.sync import jobs as sync_jobs
 
@@ -95,11 +103,7 @@ def measure_enqueue(app, count: int, batch: int = 500) -> float:
     started = time.perf_counter()
     for start in range(0, count, batch):
         operator_ids = list(range(10_000_000 + start, 10_000_000 + min(count, start + batch)))
-        ids = [sync_jobs.job_id(run_id, op) for op in operator_ids]
-        present = sync_jobs._existing(queue.connection, ids)
-        sync_jobs.enqueue_operator_jobs(
-            queue, run_id, [op for op, one in zip(operator_ids, ids, strict=True)
-                            if one not in present])
+        sync_jobs.enqueue_operator_jobs(queue, run_id, operator_ids)
     return time.perf_counter() - started
 
 
@@ -194,21 +198,6 @@ def _progress(total: int):
     return tqdm(total=total, unit="op", desc="sync", disable=None, file=sys.stderr)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time of a process, of its reaped children and of its live ones (a work-horse
-    that runs many jobs, the scheduler)."""
-    total = 0.0
-    with contextlib.suppress(psutil.Error):
-        proc = psutil.Process(pid)
-        times = proc.cpu_times()
-        total = times.user + times.system + times.children_user + times.children_system
-        for child in proc.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                live = child.cpu_times()
-                total += live.user + live.system
-    return total
-
-
 @dataclass
 class RunResult:
     wall_seconds: float
@@ -221,7 +210,16 @@ class RunResult:
     failed_jobs: int
     worker_cpu: float
     sandbox_cpu: float
+    postgres_cpu: float  # machine-wide, as is Redis's
+    redis_cpu: float
     load: tuple[float, float]  # the machine's 1-minute load average at start and end
+
+
+def _cpu_sample(procs: list[subprocess.Popen], sandbox_pid: int) -> list[float]:
+    """CPU seconds so far: workers with their work-horses, the sandbox, PostgreSQL and
+    Redis (the last two machine-wide)."""
+    return [sum(tree_cpu(p.pid) for p in procs), tree_cpu(sandbox_pid),
+            named_cpu("postgres"), named_cpu("redis-server")]
 
 
 def run_sync(app, bench: BenchEnv, count: int, logdir: Path,
@@ -238,7 +236,7 @@ def run_sync(app, bench: BenchEnv, count: int, logdir: Path,
         _wait_until_registered(app, count, procs)  # start-up is not part of the run
         since_seq = bench.request_seq()
         sandbox_pid = bench._sandbox.pid  # for its CPU time only
-        cpu_before = sum(_cpu_seconds(p.pid) for p in procs), _cpu_seconds(sandbox_pid)
+        cpu_before = _cpu_sample(procs, sandbox_pid)
         load_before = os.getloadavg()[0]
         with MemoryWatch([p.pid for p in procs]) as memory, _progress(total) as bar:
             started = time.monotonic()
@@ -264,15 +262,16 @@ def run_sync(app, bench: BenchEnv, count: int, logdir: Path,
                     raise RuntimeError(f"a worker exited; see {logdir}")
                 time.sleep(0.2)
             wall = time.monotonic() - started
-        worker_cpu = sum(_cpu_seconds(p.pid) for p in procs) - cpu_before[0]
-        sandbox_cpu = _cpu_seconds(sandbox_pid) - cpu_before[1]
+        cpu_after = _cpu_sample(procs, sandbox_pid)
+        cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
         failed_jobs = FailedJobRegistry(queue=get_queue("sync", app)).count
     log = [r for r in bench.requests_since(since_seq) if r["path"] == ORDERS_PATH]
     window = (max(r["at"] for r in log) - min(r["at"] for r in log)) if log else 0.0
     return RunResult(
         wall_seconds=wall, calls=len(log), rate_limited=sum(r["status"] == 429 for r in log),
         call_window=window, run_status=row.status, succeeded=row.succeeded, failed=row.failed,
-        failed_jobs=failed_jobs, worker_cpu=worker_cpu, sandbox_cpu=sandbox_cpu,
+        failed_jobs=failed_jobs, worker_cpu=cpu[0], sandbox_cpu=cpu[1], postgres_cpu=cpu[2],
+        redis_cpu=cpu[3],
         load=(load_before, os.getloadavg()[0])), memory
 
 
@@ -300,6 +299,11 @@ def report(args, result: RunResult, memory: MemoryWatch, enqueue_seconds: float,
     def ok(flag: bool) -> str:
         return "ok" if flag else "MISSED"
 
+    # If every core did nothing but this run, calls could go no faster than this.
+    cores = os.cpu_count() or 1
+    cpu = (result.worker_cpu, result.sandbox_cpu, result.postgres_cpu, result.redis_cpu)
+    ceiling = cores / (sum(cpu) / result.calls) if result.calls and sum(cpu) else 0.0
+
     rows = [
         ("operators x pages", f"{args.operators} x {args.pages}", "", ""),
         ("workers / latency", f"{args.workers} / {args.latency_ms} ms", "", ""),
@@ -320,13 +324,16 @@ def report(args, result: RunResult, memory: MemoryWatch, enqueue_seconds: float,
         ("peak RSS, work-horse (run)", f"{memory.peak_horse / mb:.0f} MB", "<= 150 MB",
          ok(memory.peak_horse <= 150 * mb)),
         ("worker VmHWM (start-up incl.)", f"{memory.hwm_worker / mb:.0f} MB", "", ""),
-        ("CPU: workers+horses / sandbox",
-         f"{result.worker_cpu:.1f} s / {result.sandbox_cpu:.1f} s", "",
-         f"{os.cpu_count()} cores x {result.wall_seconds:.1f} s"),
-        ("CPU per API call: workers / sandbox",
-         f"{per_call(result.worker_cpu)} / {per_call(result.sandbox_cpu)}", "", ""),
+        ("CPU: workers+horses / sandbox / postgres / redis",
+         " / ".join(f"{c:.1f} s" for c in cpu), "",
+         f"{cores} cores x {result.wall_seconds:.1f} s"),
+        ("CPU per API call, same order", " / ".join(per_call(c) for c in cpu), "", ""),
+        ("CPU per API call, all", per_call(sum(cpu)), "", ""),
+        ("ceiling set by CPU (cores / CPU per call)",
+         f"{ceiling:.1f} calls/s = {ceiling / bound:.2f} x bound", "",
+         "the ratio this machine allows at this CPU cost"),
         ("load average at start / end", f"{result.load[0]:.1f} / {result.load[1]:.1f}", "",
-         f"{os.cpu_count()} cores; other work shares them"),
+         f"{cores} cores; other work shares them"),
         ("setup (not measured)", f"{setup_seconds:.1f} s", "", ""),
     ]
     return _table(rows)

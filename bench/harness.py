@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import psutil
 import requests
 import sqlalchemy as sa
 
@@ -46,6 +47,32 @@ def work_folder(prefix: str, *, keep: bool) -> Iterator[Path]:
             print(f"kept {path}", file=sys.stderr)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process, its live descendants and the children it reaped (an
+    RQ worker's work-horses, PostgreSQL's exited backends)."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += (times.user + times.system + times.children_user
+                          + times.children_system)
+    return total
+
+
+def named_cpu(name: str) -> float:
+    """CPU seconds of every top-level process called ``name`` (with its tree): the
+    machine's PostgreSQL or Redis servers, whoever else is using them included."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "ppid"]):
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(proc.info["ppid"]) if proc.info["ppid"] else None
+            if proc.info["name"] == name and (parent is None or parent.name() != name):
+                total += tree_cpu(proc.pid)
+    return total
 
 
 def _answers(port: int) -> bool:
