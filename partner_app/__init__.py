@@ -33,8 +33,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(
         SECRET_KEY=settings.secret_key,
         SQLALCHEMY_DATABASE_URI=settings.database_url,
-        # Liveness checks on checkout come from db.ping_when_idle, below.
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": False},
+        # Liveness checks on checkout come from db.ping_when_idle, below. Statement
+        # parameters stay out of errors and logs: they carry operators' data.
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": False, "hide_parameters": True},
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.secure_cookies,

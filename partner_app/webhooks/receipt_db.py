@@ -48,8 +48,11 @@ def engine_for(app: Flask, main: Engine) -> Engine:
             held[1].dispose(close=False)  # the parent's connections: leave them to it
         # Named in pg_stat_activity, so a DBA can tell the receiver's sessions apart.
         connect_args = {"application_name": APPLICATION_NAME} if backend == "postgresql" else {}
+        # Parameters hidden as on the app's engine: a failed insert's error (logged)
+        # would otherwise carry the delivery's body, with the customer's details.
         engine = create_engine(main.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False,
-                               pool_size=4, max_overflow=4, connect_args=connect_args)
+                               pool_size=4, max_overflow=4, connect_args=connect_args,
+                               hide_parameters=True)
     app.extensions[_EXTENSION] = (os.getpid(), engine)
     return engine
 
