@@ -8,11 +8,13 @@ never secrets, because RQ keeps job arguments in Redis in plain form.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 from flask import Flask, current_app
 from rq import Queue, Retry
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -56,6 +58,29 @@ def get_redis(app: Flask | None = None) -> redis.Redis:
 
 def get_queue(name: str = QUEUE_DEFAULT, app: Flask | None = None) -> Queue:
     return Queue(name, connection=get_redis(app), serializer=JSONSerializer)
+
+
+def existing_job_ids(connection: redis.Redis, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` name a job hash in Redis (one pipelined round trip)."""
+    with connection.pipeline(transaction=False) as pipe:
+        for one in ids:
+            pipe.exists(Job.key_for(one))
+        found = pipe.execute()
+    return {one for one, hit in zip(ids, found, strict=True) if hit}
+
+
+def delivery_of(job: Job, *, retry_max: int) -> tuple[int, bool]:
+    """(delivery number of this run of ``job``, whether RQ would retry a raised
+    exception). ``retry_max`` is the job's ``Retry.max`` (RQ does not store it).
+
+    Each RQ re-delivery of one job id either spends a ``Retry`` attempt
+    (``retries_left`` goes down) or follows a returned ``Retry`` (``number_of_retries``
+    goes up), so the number strictly grows from one delivery to the next: a fence
+    that tells a later delivery's writes from an earlier, presumed dead, one's.
+    """
+    left = job.retries_left if job.retries_left is not None else 0
+    spent = max(0, retry_max - left) if job.retries_left is not None else 0
+    return spent + (job.number_of_retries or 0), left > 0
 
 
 def enqueue_after_commit(func: str, *args: Any, queue: str = QUEUE_DEFAULT,

@@ -15,7 +15,8 @@ operator never has two Stora-calling jobs in flight, whichever run they belong t
 and ``Queue.enqueue_job`` refuses a rate-limited job with a pipeline, so the fan-out
 writes what RQ's own pipelined path for rate-limited jobs writes
 (``Queue._enqueue_rate_limited_job``, used by ``ScheduledJobRegistry`` promotion and
-``StartedJobRegistry.requeue`` in RQ 3.0): one round trip per batch.
+``StartedJobRegistry.requeue`` in RQ 3.0), in Lua calls streamed on one connection:
+one wait per batch.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ from partner_app.connections.credentials import CredentialError, NeedsReauth, No
 from partner_app.connections.jobs import client_for
 from partner_app.connections.models import Operator
 from partner_app.db import db, utcnow
-from partner_app.queueing import QUEUE_SYNC, get_queue, get_redis
+from partner_app.queueing import (
+    QUEUE_SYNC,
+    delivery_of,
+    existing_job_ids,
+    get_queue,
+    get_redis,
+)
 from partner_app.stora.errors import RateLimited, RateLimitWait, StoraError
 from partner_app.sync import bulk_enqueue, orders, services
 from partner_app.sync.models import ItemStatus, SyncRunItem
@@ -52,6 +59,7 @@ SYNC_OPERATOR = "partner_app.sync.jobs.sync_operator"
 # wait long), later ones back off.
 SYNC_RETRY = Retry(max=3, interval=[5, 60, 300])
 FAN_OUT_BATCH = 500
+ENQUEUE_CHUNK = 100  # jobs per script call
 JOB_TIMEOUT = 900
 SLICE_SECONDS = 300  # a job hands its slot back after this long; the next slice resumes
 RESCHEDULE_MAX = 10_000  # deliveries for rate-limit waits and slices, before giving up
@@ -75,17 +83,15 @@ def operator_rate_limit(operator_id: int) -> RateLimit:
 
 # -- fan-out -------------------------------------------------------------------------------
 def enqueue_operator_jobs(queue: Queue, run_id: int, operator_ids: Sequence[int]) -> list[str]:
-    """Enqueue one rate-limited job per operator in one pipeline; returns their ids.
-
-    The caller makes sure none of these ids exists yet: re-enqueueing a live id would
-    put it on the queue twice.
+    """Enqueue one rate-limited job per operator whose job id does not exist yet;
+    returns the ids it wrote (re-enqueueing a live id would put it on the queue twice).
 
     Per job this writes what ``Queue._enqueue_rate_limited_job`` writes (the rate-limit
     key's config, the job hash as ``rate_limited``, its place in the key's waiting set,
     then RQ's promotion script), but the job hash comes from ``_JobTemplate``: building
     a ``Job`` and serialising it took most of the fan-out's CPU, and every job of a run
-    differs only in its operator. With a checked template the writes run in one Lua
-    call (``bulk_enqueue``); otherwise in one pipeline.
+    differs only in its operator. With a checked template the writes run in Lua, one
+    call per ``ENQUEUE_CHUNK`` jobs (``bulk_enqueue``); otherwise in one pipeline.
     """
     if not operator_ids:
         return []
@@ -93,11 +99,17 @@ def enqueue_operator_jobs(queue: Queue, run_id: int, operator_ids: Sequence[int]
     template.mapping(operator_ids[0])  # checks the template against RQ's own job
     prefix = bulk_enqueue.key_layout(queue.connection)
     if template.trusted and prefix is not None:
-        jobs = [template.per_job(operator_id) for operator_id in operator_ids]
-        bulk_enqueue.write_jobs(queue.connection, queue, template.base, jobs,
-                                concurrency=int(template.base["rate_limit_concurrency"]),
-                                rate_limit_prefix=prefix)
-        return [job[0] for job in jobs]
+        # Built chunk by chunk as write_jobs sends them: Redis runs one while the next
+        # is built here.
+        chunks = ([template.per_job(operator_id)
+                   for operator_id in operator_ids[start:start + ENQUEUE_CHUNK]]
+                  for start in range(0, len(operator_ids), ENQUEUE_CHUNK))
+        skipped = bulk_enqueue.write_jobs(
+            queue.connection, queue, template.base, chunks,
+            concurrency=int(template.base["rate_limit_concurrency"]), rate_limit_prefix=prefix)
+        return [one for one in (job_id(run_id, operator_id) for operator_id in operator_ids)
+                if one not in skipped]
+    present = existing_job_ids(queue.connection, [job_id(run_id, op) for op in operator_ids])
     ids = []
     # Not a MULTI/EXEC transaction: each job's writes are independent, and a batch cut
     # short leaves jobs either not written (the fan-out's next pass writes them) or
@@ -105,6 +117,8 @@ def enqueue_operator_jobs(queue: Queue, run_id: int, operator_ids: Sequence[int]
     with queue.connection.pipeline(transaction=False) as pipe:
         for operator_id in operator_ids:
             one, mapping = template.mapping(operator_id)
+            if one in present:
+                continue
             registry = RateLimitRegistry(key=mapping["rate_limit_key"],
                                          connection=queue.connection)
             registry.register(mapping["rate_limit_concurrency"], pipe)
@@ -179,14 +193,6 @@ class _JobTemplate:
         return one, mapping
 
 
-def _existing(connection, ids: Sequence[str]) -> set[str]:
-    with connection.pipeline(transaction=False) as pipe:
-        for one in ids:
-            pipe.exists(Job.key_for(one))
-        found = pipe.execute()
-    return {one for one, hit in zip(ids, found, strict=True) if hit}
-
-
 def fan_out_pending(run_id: int, *, batch_size: int = FAN_OUT_BATCH) -> int:
     """Enqueue the jobs of every queued item not yet enqueued; returns how many."""
     queue = get_queue(QUEUE_SYNC)
@@ -196,14 +202,10 @@ def fan_out_pending(run_id: int, *, batch_size: int = FAN_OUT_BATCH) -> int:
         db.session.commit()
         if not batch:
             return enqueued
-        ids = {operator_id: job_id(run_id, operator_id) for _, operator_id in batch}
-        present = _existing(queue.connection, list(ids.values()))
-        todo = [operator_id for operator_id, one in ids.items() if one not in present]
-        if todo:
-            enqueue_operator_jobs(queue, run_id, todo)
+        written = enqueue_operator_jobs(queue, run_id, [operator_id for _, operator_id in batch])
         services.mark_enqueued([item_id for item_id, _ in batch], now=utcnow())
         db.session.commit()
-        enqueued += len(todo)
+        enqueued += len(written)
 
 
 def fan_out(run_id: int) -> dict[str, Any]:
@@ -219,18 +221,10 @@ def fan_out(run_id: int) -> dict[str, Any]:
 
 # -- one operator ----------------------------------------------------------------------------
 def _delivery(job: Job | None) -> tuple[int, bool]:
-    """(delivery number of this job run, whether RQ would retry a raised exception).
-
-    Each RQ re-delivery of one job id either spends a ``Retry`` attempt
-    (``retries_left`` goes down) or follows a returned ``Retry`` (``number_of_retries``
-    goes up), so the sum strictly grows from one delivery to the next.
-    """
+    """(delivery number of this job run, whether RQ would retry a raised exception)."""
     if job is None:
         return 0, False
-    retry_max = int((job.meta or {}).get("retry_max", SYNC_RETRY.max))
-    left = job.retries_left if job.retries_left is not None else 0
-    spent = max(0, retry_max - left) if job.retries_left is not None else 0
-    return spent + (job.number_of_retries or 0), left > 0
+    return delivery_of(job, retry_max=int((job.meta or {}).get("retry_max", SYNC_RETRY.max)))
 
 
 def _describe(exc: BaseException) -> str:

@@ -35,7 +35,7 @@ from rq.job import Job, get_current_job
 from partner_app import failpoints
 from partner_app.db import db
 from partner_app.logging import bind_operator
-from partner_app.queueing import QUEUE_WEBHOOKS, get_queue, get_redis
+from partner_app.queueing import QUEUE_WEBHOOKS, delivery_of, get_queue, get_redis
 from partner_app.webhooks import handlers, inbox
 from partner_app.webhooks.models import InboxStatus
 
@@ -106,14 +106,11 @@ def request_drain() -> bool:
 
 
 def _holder(job: Job | None) -> inbox.Holder:
-    """This run's fence: its job id and delivery number. Each RQ re-delivery of one job
-    id either spends a ``Retry`` attempt (``retries_left`` goes down) or follows a
-    returned ``Retry`` (``number_of_retries`` goes up), so the sum strictly grows."""
+    """This run's fence: its job id and delivery number (``queueing.delivery_of``)."""
     if job is None:
         return inbox.Holder()
-    retry_max = int((job.meta or {}).get("retry_max", 0))
-    spent = max(0, retry_max - job.retries_left) if job.retries_left is not None else 0
-    return inbox.Holder(job.id, spent + (job.number_of_retries or 0))
+    number, _ = delivery_of(job, retry_max=int((job.meta or {}).get("retry_max", 0)))
+    return inbox.Holder(job.id, number)
 
 
 def drain_inbox() -> dict:

@@ -33,7 +33,13 @@ from sqlalchemy import select
 from partner_app.connections.credentials import CredentialError
 from partner_app.connections.models import Operator
 from partner_app.db import db, utcnow
-from partner_app.queueing import QUEUE_WEBHOOKS, STORA_RETRY, enqueue_after_commit, get_queue
+from partner_app.queueing import (
+    QUEUE_WEBHOOKS,
+    STORA_RETRY,
+    enqueue_after_commit,
+    existing_job_ids,
+    get_queue,
+)
 from partner_app.stora.errors import RateLimited, RateLimitWait, StoraError
 from partner_app.sync.jobs import _reschedule
 from partner_app.webhooks import subscriptions
@@ -104,19 +110,11 @@ def _run(operator_id: int, work: Callable[[], dict[str, Any]]) -> dict[str, Any]
         return {"operator_id": operator_id, "error": subscriptions.describe_error(exc)}
 
 
-def _existing(connection, ids: Sequence[str]) -> set[str]:
-    with connection.pipeline(transaction=False) as pipe:
-        for one in ids:
-            pipe.exists(Job.key_for(one))
-        found = pipe.execute()
-    return {one for one, hit in zip(ids, found, strict=True) if hit}
-
-
 def _enqueue_batch(operator_ids: Sequence[int], bucket: int) -> int:
     """Queue the batch's jobs not queued yet this round, in one pipelined round trip."""
     queue = get_queue(QUEUE_WEBHOOKS)
     ids = {operator_id: cron_job_id(operator_id, bucket) for operator_id in operator_ids}
-    present = _existing(queue.connection, list(ids.values()))
+    present = existing_job_ids(queue.connection, list(ids.values()))
     todo = [Queue.prepare_data(RECONCILE, args=(operator_id,), job_id=one,
                                result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
                                retry=STORA_RETRY)
