@@ -175,11 +175,24 @@ def staff() -> None:
 @click.argument("email")
 @click.option("--role", type=click.Choice(["admin", "viewer"]), default="admin",
               show_default=True, help="Admins run actions; viewers only look.")
-@click.password_option(prompt="Password (min. 12 characters)")
-def staff_create(email: str, role: str, password: str) -> None:
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from standard input (its first line) instead of "
+                   "asking for it: for scripts.")
+def staff_create(email: str, role: str, password_stdin: bool) -> None:
+    """Add a dashboard account. Asks for the password twice, on the terminal.
+
+    With ``--password-stdin`` the password is the first line of standard input. A
+    script must use it: a hidden prompt reads the controlling terminal, not standard
+    input, so a script run from a terminal would wait there for someone to type.
+    """
     from partner_app.db import db
     from partner_app.security.staff import StaffError, create_staff
 
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password (min. 12 characters)", hide_input=True,
+                                confirmation_prompt=True)
     try:
         create_staff(email, password, role=role, actor="cli")
     except StaffError as exc:

@@ -156,8 +156,7 @@ def run_demo(*, web_port: int, sandbox_port: int, instance: Path) -> None:
 
 
 def _ensure_staff(cli: list[str], env: dict[str, str], password: str) -> None:
-    result = subprocess.run([*cli, "staff", "create", DEMO_STAFF_EMAIL],
-                            input=f"{password}\n{password}\n", env=env, text=True,
-                            capture_output=True)
+    result = subprocess.run([*cli, "staff", "create", DEMO_STAFF_EMAIL, "--password-stdin"],
+                            input=f"{password}\n", env=env, text=True, capture_output=True)
     if result.returncode != 0 and "already has an account" not in result.stderr:
         raise click.ClickException(f"could not create the demo staff account: {result.stderr}")

@@ -33,9 +33,9 @@ def test_operator_installs_in_a_browser_and_staff_sees_it_on_the_dashboard(stack
     assert page.locator("h1").inner_text() == f"Connected: {operator_name}"
     assert "code=" not in page.url and "state=" not in page.url
 
-    subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", STAFF_EMAIL],
-                   input=f"{STAFF_PASSWORD}\n{STAFF_PASSWORD}\n", text=True, env=stack["env"],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", STAFF_EMAIL,
+                    "--password-stdin"], input=f"{STAFF_PASSWORD}\n", text=True,
+                   env=stack["env"], cwd=ROOT, check=True, capture_output=True)
     staff = browser.new_page()
     staff.goto(f"{stack['public']}/staff/")
     assert "/staff/login" in staff.url
@@ -67,9 +67,9 @@ def test_operator_who_declines_sees_why(stack, browser, sandbox):
 
 
 def _sign_in(browser, stack):
-    subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", STAFF_EMAIL],
-                   input=f"{STAFF_PASSWORD}\n{STAFF_PASSWORD}\n", text=True, env=stack["env"],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", STAFF_EMAIL,
+                    "--password-stdin"], input=f"{STAFF_PASSWORD}\n", text=True,
+                   env=stack["env"], cwd=ROOT, check=True, capture_output=True)
     staff = browser.new_page()
     staff.goto(f"{stack['public']}/staff/operators")
     assert "/staff/login" in staff.url

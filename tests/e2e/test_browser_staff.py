@@ -65,7 +65,7 @@ def test_an_admin_secures_their_account_and_adds_a_viewer(stack, browser, app):
         for key in redis.scan_iter("staff:login:*"):  # other tests' failed sign-ins
             redis.delete(key)
     subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", ADMIN,
-                    "--role", "admin"], input=f"{ADMIN_PASSWORD}\n{ADMIN_PASSWORD}\n",
+                    "--password-stdin", "--role", "admin"], input=f"{ADMIN_PASSWORD}\n",
                    text=True, env=stack["env"], cwd=ROOT, check=True, capture_output=True)
     public = stack["public"]
     context = browser.new_context()

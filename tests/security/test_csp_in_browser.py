@@ -58,9 +58,9 @@ class Watched:
 
 
 def test_our_pages_load_without_a_policy_violation(stack, browser, sandbox):
-    subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", STAFF_EMAIL],
-                   input=f"{STAFF_PASSWORD}\n{STAFF_PASSWORD}\n", text=True, env=stack["env"],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "partner_app.cli", "staff", "create", STAFF_EMAIL,
+                    "--password-stdin"], input=f"{STAFF_PASSWORD}\n", text=True,
+                   env=stack["env"], cwd=ROOT, check=True, capture_output=True)
     tab = Watched(browser, stack["public"])
     violations: list[str] = []
 
