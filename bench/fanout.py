@@ -92,8 +92,9 @@ def connect_operators(app, bench: BenchEnv, sandbox_operators: list[dict]) -> No
 
 # -- measurements ------------------------------------------------------------------------
 def measure_enqueue(app, count: int, batch: int = 500) -> float:
-    """Seconds to enqueue ``count`` rate-limited operator jobs as the fan-out does: one
-    Lua call per batch that skips existing ids (on a queue no worker listens to)."""
+    """Seconds to enqueue ``count`` rate-limited operator jobs as the fan-out does: per
+    batch of ``batch``, Lua calls streamed on one connection that skip existing ids (on
+    a queue no worker listens to)."""
     from partner_app.queueing import get_queue
     from partner_app.sync import jobs as sync_jobs
 

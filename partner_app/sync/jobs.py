@@ -116,9 +116,9 @@ def enqueue_operator_jobs(queue: Queue, run_id: int, operator_ids: Sequence[int]
     # waiting in the rate-limit set (RQ's maintenance promotes them).
     with queue.connection.pipeline(transaction=False) as pipe:
         for operator_id in operator_ids:
-            one, mapping = template.mapping(operator_id)
-            if one in present:
+            if job_id(run_id, operator_id) in present:
                 continue
+            one, mapping = template.mapping(operator_id)
             registry = RateLimitRegistry(key=mapping["rate_limit_key"],
                                          connection=queue.connection)
             registry.register(mapping["rate_limit_concurrency"], pipe)
